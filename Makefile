@@ -1,0 +1,33 @@
+# The two commands a newcomer runs: `make demo` (the embedded end-to-end demo) and `make test`.
+# Each bootstraps its own virtualenv in .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdir/demo
+
+.PHONY: demo test test-fast bench clean
+
+$(VENV)/.installed: requirements.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+# torch first, pinned to the CPU build on local disk; then transformers/diffusers see it as satisfied.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m unifluid_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) workdir

@@ -1,0 +1,32 @@
+"""unifluid_jax: UniFluid (unified autoregressive visual generation and understanding) in JAX/Flax."""
+import pathlib
+
+import setuptools
+
+_HERE = pathlib.Path(__file__).parent
+_REQUIREMENTS = [
+    line.split("#")[0].strip()
+    for line in (_HERE / "requirements.txt").read_text().splitlines()
+    if line.split("#")[0].strip()
+]
+# Test-only references. torch must be installed first as `torch==2.13.0` (the CPU build); the Makefile
+# does that, because a bare `torch` requirement resolves to a multi-GB CUDA build.
+_TEST = [
+    "torch==2.13.0",
+    "transformers==5.23.0",
+    "diffusers==0.42.1",
+    "safetensors==0.8.0",
+    "pycocoevalcap==1.2",
+    "pytest==9.2.0",
+    "pytest-xdist==3.8.0",
+]
+
+setuptools.setup(
+    name="unifluid_jax",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["unifluid_jax", "unifluid_jax.*"]),
+    install_requires=_REQUIREMENTS,
+    extras_require={"test": _TEST},
+)

@@ -1,0 +1,26 @@
+"""Test-wide setup. The 8-device CPU flag must be set before jax is first imported anywhere."""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from unifluid_jax.train import sharding  # noqa: E402
+
+
+@pytest.fixture
+def mesh1():
+    """A 1-device mesh with the standard axis names, for single-device tests."""
+    return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+
+
+@pytest.fixture
+def mesh8():
+    """All 8 fake CPU devices as data x fsdp x tensor = 2 x 2 x 2."""
+    return sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
