@@ -1,0 +1,124 @@
+"""Layout contract: text segments per task and who sees whom in the full sequence."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unifluid_jax.data import layout as L
+
+
+def visible(input_mask, mask_ar):
+    """The big_vision rule, written independently of layout.attention_visible: [T, S] bool."""
+    cum = np.cumsum(mask_ar)
+    v = np.asarray(input_mask, bool)
+    return (cum[None, :] <= cum[:, None]) & v[None, :] & v[:, None]
+
+
+SEP = (4,)
+
+
+def test_text_layout_tables():
+    t = L.text_layout("vqa", [10, 11], [20], 7, sep_ids=SEP)
+    np.testing.assert_array_equal(t["text_tokens"], [2, 10, 11, 4, 20, 1, 0])
+    np.testing.assert_array_equal(t["text_input_mask"], [1, 1, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(t["text_mask_ar"], [0, 0, 0, 0, 1, 1, 0])
+    np.testing.assert_array_equal(t["text_loss_mask"], [0, 0, 0, 0, 1, 1, 0])
+    for task in ("t2i", "edit"):
+        t = L.text_layout(task, [10, 11], None, 5, sep_ids=SEP)
+        np.testing.assert_array_equal(t["text_tokens"], [2, 10, 11, 0, 0])
+        np.testing.assert_array_equal(t["text_input_mask"], [1, 1, 1, 0, 0])
+        assert t["text_mask_ar"].sum() == 0 and t["text_loss_mask"].sum() == 0
+    assert all(v.dtype == np.int32 for v in t.values())
+
+
+def test_too_long_and_truncate():
+    with pytest.raises(L.TextTooLongError):
+        L.text_layout("t2i", list(range(10, 20)), None, 5)
+    t = L.text_layout("t2i", list(range(10, 20)), None, 5, truncate=True)
+    np.testing.assert_array_equal(t["text_tokens"], [2, 10, 11, 12, 13])
+    t = L.text_layout("caption", [10, 11, 12], [20, 21], 6, truncate=True, sep_ids=SEP)
+    np.testing.assert_array_equal(t["text_tokens"], [2, 10, 4, 20, 21, 1])
+    with pytest.raises(L.TextTooLongError):  # the answer alone does not fit: truncation cannot help
+        L.text_layout("caption", [10], [20, 21, 22, 23, 24], 6, truncate=True, sep_ids=SEP)
+    with pytest.raises(L.EmptyTextError):
+        L.text_layout("vqa", [10], [], 6)
+    with pytest.raises(L.EmptyTextError):
+        L.text_layout("t2i", [], None, 6)
+    with pytest.raises(ValueError):
+        L.text_layout("segment", [10], None, 6)
+
+
+def _example(task, n_und=2, n_src=1, n_img=2, xp=np, edit_und=True):
+    tid = L.TASK_IDS[task]
+    if tid in L.UND_TASKS:
+        t = L.text_layout(task, [10], [20], 6, sep_ids=SEP)  # BOS q SEP a EOS pad
+    else:
+        t = L.text_layout(task, [10, 11], None, 6)  # BOS p p pad pad pad
+    im, ar = L.sequence_masks(xp.asarray([tid]), xp.asarray(t["text_input_mask"][None]),
+                              xp.asarray(t["text_mask_ar"][None]), n_und, n_src, n_img, xp=xp,
+                              edit_und=edit_und)
+    return np.asarray(im[0]), np.asarray(ar[0])
+
+
+# Slots: u0 u1 | s0 | t0..t5 | BOI i0 i1   (S = 2 + 1 + 6 + 3 = 12)
+U, SRC, T, G = [0, 1], [2], list(range(3, 9)), [9, 10, 11]
+
+
+@pytest.mark.parametrize("xp", [np, jnp])
+def test_who_sees_whom(xp):
+    off = L.segment_offsets(2, 1, 6, 2)
+    assert off == {"und": 0, "src": 2, "text": 3, "gen": 9, "img": 10, "total": 12}
+
+    # vqa: und + BOS q SEP prefix, a and EOS causal, src/gen/pad invisible.
+    im, ar = _example("vqa", xp=xp)
+    np.testing.assert_array_equal(im, [1, 1, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(ar, [0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0])  # invalid gen: like padding
+    v = visible(im, ar)
+    prefix = U + T[:3]
+    assert v[np.ix_(prefix, prefix)].all()  # bidirectional prefix
+    assert not v[np.ix_(prefix, [T[3], T[4]])].any()  # prefix does not see the answer
+    assert v[T[3], prefix + [T[3]]].all() and not v[T[3], T[4]]  # answer token: causal
+    assert v[T[4], prefix + [T[3], T[4]]].all()
+    assert not v[:, SRC + [T[5]] + G].any() and not v[SRC + [T[5]] + G, :].any()  # invalid slots
+    np.testing.assert_array_equal(v, np.asarray(L.attention_visible(im[None], ar[None]))[0])
+    try:  # the model's mask (another module) must agree with the contract
+        from unifluid_jax.models import masks
+    except ImportError:
+        masks = None
+    if masks is not None:
+        np.testing.assert_array_equal(v, np.asarray(masks.make_attention_mask(im[None], ar[None]))[0])
+
+    # t2i: no und/src; prompt prefix; BOI, i0, i1 causal over the prompt.
+    im, ar = _example("t2i", xp=xp)
+    np.testing.assert_array_equal(im, [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(ar, [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1])
+    v = visible(im, ar)
+    p = T[:3]
+    assert v[np.ix_(p, p)].all() and not v[np.ix_(p, G)].any()
+    for k, g in enumerate(G):
+        assert v[g, p + G[:k + 1]].all() and not v[g, G[k + 1:]].any()
+    assert not v[:, U + SRC + T[3:]].any()
+
+    # edit: und and src of the source image join the prompt prefix; gen causal over all of it.
+    im, ar = _example("edit", xp=xp)
+    np.testing.assert_array_equal(im, [1, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1])
+    v = visible(im, ar)
+    prefix = U + SRC + T[:3]
+    assert v[np.ix_(prefix, prefix)].all() and not v[np.ix_(prefix, G)].any()
+    assert v[G[-1], prefix + G].all()
+    im, _ = _example("edit", xp=xp, edit_und=False)
+    np.testing.assert_array_equal(im[U], [0, 0])
+
+    # caption: like vqa (the question is the caption prompt).
+    im, ar = _example("caption", xp=xp)
+    np.testing.assert_array_equal(im, [1, 1, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0])
+
+
+def test_mixed_batch_positions():
+    rows = [L.text_layout(t, [10], [20] if L.TASK_IDS[t] in L.UND_TASKS else None, 6, sep_ids=SEP)
+            for t in L.TASKS]
+    tim = np.stack([r["text_input_mask"] for r in rows])
+    tar = np.stack([r["text_mask_ar"] for r in rows])
+    im, ar = L.sequence_masks(np.arange(4), tim, tar, 2, 0, 3)
+    assert im.shape == ar.shape == (4, 2 + 6 + 4) and im.dtype == np.int32
+    pos = L.sequence_positions(im)
+    np.testing.assert_array_equal(pos[0], [0, 0, 0, 1, 1, 1, 1, 1, 2, 3, 4, 5])  # t2i: BOS p | BOI...
