@@ -1,0 +1,36 @@
+"""Attention masks and RoPE positions from the compact (input_mask, mask_ar) encoding (SPEC 7, big_vision).
+
+`input_mask` [B, T] is True on real tokens. `mask_ar` [B, T] is 1 where a new causal block starts: a run of
+zeros is one bidirectional block (the prefix), all ones is plain causal attention. Query t may attend to
+key s iff `cumsum(mask_ar)[s] <= cumsum(mask_ar)[t]` and both are valid. Masks are bool, True = may attend.
+The sliding window of local layers is applied inside the Gemma layers (from positions), not here.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def make_attention_mask(input_mask, mask_ar) -> jax.Array:
+    """[B, T] valid, [B, T] block starts -> [B, T, T] bool (rows = queries, columns = keys)."""
+    input_mask = jnp.asarray(input_mask).astype(bool)
+    blocks = jnp.cumsum(jnp.asarray(mask_ar).astype(jnp.int32), axis=-1)
+    allowed = blocks[:, None, :] <= blocks[:, :, None]
+    valid = input_mask[:, None, :] & input_mask[:, :, None]
+    return allowed & valid
+
+
+def positions_from_mask(input_mask) -> jax.Array:
+    """RoPE positions that skip padding: `cumsum(input_mask) - 1`, clipped at 0. [B, T] int32."""
+    pos = jnp.cumsum(jnp.asarray(input_mask).astype(jnp.int32), axis=-1) - 1
+    return jnp.maximum(pos, 0)
+
+
+def cache_step_mask(full_mask, start, length: int) -> jax.Array:
+    """Rows [start, start + length) of a [B, S, S] mask: the [B, length, S] mask for one cached step.
+
+    Build `full_mask` once over the whole cache (e.g. make_attention_mask with mask_ar = 1 on the tokens to
+    be generated) and slice it per step; `start` (the cache_index) may be traced.
+    """
+    b, _, s = full_mask.shape
+    return jax.lax.dynamic_slice(full_mask, (0, start, 0), (b, length, s))
