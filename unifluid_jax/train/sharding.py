@@ -107,3 +107,111 @@ def param_shardings(mesh: Mesh, boxed_params, rules=DEFAULT_RULES):
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config-driven helpers used by the trainer.
+
+
+def mesh_from_config(config) -> Mesh:
+    """The mesh described by `config.mesh` ({data, fsdp, tensor}, one may be -1) over all global devices."""
+    return make_mesh(dict(config.mesh))
+
+
+def rules_of(config) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    rules = config.get("sharding", {}).get("rules", None) if hasattr(config, "get") else None
+    return rules_from_config(rules)
+
+
+def _axis_size(mesh: Mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def fit_spec(mesh: Mesh, spec: P, shape: Sequence[int]) -> P:
+    """Drops mesh axes from dims they do not divide (e.g. 6 kv heads on tensor=4), so any config compiles."""
+    out = []
+    for i, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        out.append(axes if axes is None or shape[i] % _axis_size(mesh, axes) == 0 else None)
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out)
+
+
+def fitted_param_shardings(mesh: Mesh, boxed_abstract, rules=DEFAULT_RULES):
+    """Like `param_shardings`, but every spec is fitted to its leaf's shape (see `fit_spec`).
+
+    Returns a tree with the structure of the UNBOXED params (one NamedSharding per array)."""
+    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_abstract), rules)
+    unboxed = unbox_abstract(boxed_abstract)
+    return jax.tree.map(lambda s, x: NamedSharding(mesh, fit_spec(mesh, s, x.shape)), specs, unboxed,
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_shardings(mesh: Mesh, batch_logical_axes: Mapping[str, Sequence[str | None]], rules=DEFAULT_RULES):
+    """{field: NamedSharding} from the task's per-field logical axes, e.g. ('act_batch', None)."""
+    return {k: NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(v), rules))
+            for k, v in batch_logical_axes.items()}
+
+
+def process_batch_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
+    """The contiguous rows [start, stop) of the global batch this process must feed.
+
+    With batch dims sharded over ('data', 'fsdp') every process owns one contiguous block; a batch replicated
+    across processes makes every process feed all rows."""
+    idx = sharding.addressable_devices_indices_map((global_batch,))
+    starts = [s[0].start or 0 for s in idx.values()]
+    stops = [global_batch if s[0].stop is None else s[0].stop for s in idx.values()]
+    start, stop = min(starts), max(stops)
+    covered = sorted({(a, b) for a, b in zip(starts, stops)})
+    pos = start
+    for a, b in covered:  # the process's rows must form one block
+        if a > pos:
+            raise ValueError(f"this process's batch rows are not contiguous: {covered}; "
+                             "order the mesh so each host owns a contiguous block of ('data', 'fsdp')")
+        pos = max(pos, b)
+    return start, stop
+
+
+def data_shard(sharding: NamedSharding, global_batch: int) -> tuple[int, int, int]:
+    """(shard_index, shard_count, local_batch) of this process in the global batch (for the input pipeline)."""
+    start, stop = process_batch_rows(sharding, global_batch)
+    local = stop - start
+    if global_batch % local:
+        raise ValueError(f"global batch {global_batch} does not split into per-process blocks of {local}")
+    return start // local, global_batch // local, local
+
+
+def make_global_batch(local_batch: Mapping, shardings: Mapping[str, NamedSharding], global_batch: int):
+    """Per-process numpy slices -> global jax Arrays laid out by `shardings` (one call per field)."""
+    out = {}
+    for k, v in local_batch.items():
+        if k not in shardings:
+            raise KeyError(f"batch field {k!r} has no logical axes in the task's batch_logical_axes")
+        start, stop = process_batch_rows(shardings[k], global_batch)
+        if v.shape[0] != stop - start:
+            raise ValueError(f"batch field {k!r}: local rows {v.shape[0]} != expected {stop - start}")
+        out[k] = jax.make_array_from_process_local_data(shardings[k], v, (global_batch,) + tuple(v.shape[1:]))
+    return out
+
+
+def unsharded_large_params(mesh: Mesh, shardings, abstract_params, min_size: int) -> list[str]:
+    """Names of params with >= min_size elements left fully replicated although fsdp/tensor could split them."""
+    split = mesh.shape.get("fsdp", 1) * mesh.shape.get("tensor", 1)
+    if split == 1:
+        return []
+    bad = []
+    flat_s = jax.tree_util.tree_flatten_with_path(shardings)[0]
+    flat_x = jax.tree.leaves(abstract_params)
+    for (path, s), x in zip(flat_s, flat_x):
+        if math.prod(x.shape) >= min_size and s.is_fully_replicated:
+            bad.append(f"{jax.tree_util.keystr(path)} {tuple(x.shape)}")
+    return bad
+
+
+def unbox_abstract(tree):
+    """Removes flax axis-metadata boxes without applying sharding constraints (safe outside jit)."""
+    return jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
+                        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))

@@ -1,0 +1,66 @@
+"""Entry point: `python -m unifluid_jax.main --config=configs/X.py[:ARG] --config.a.b=V --workdir=DIR --mode=train`.
+
+Run the same command on every host of a multi-host job (see launch/). Order: join the hosts
+(jax.distributed, when configured or detected), validate the whole config (one clear error, before any
+compile), then dispatch on --mode. Adding a mode is one entry in MODES: 'name': 'module:function', the
+function taking (config, workdir) and imported only when selected.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from unifluid_jax import config as config_lib
+
+MODES: dict[str, str] = {
+    "train": "unifluid_jax.train.trainer:train",
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, tensorboard, summaries.")
+_MODE = flags.DEFINE_string("mode", "train", "What to do; one of MODES.")
+
+
+def resolve_mode(mode: str):
+    if mode not in MODES:
+        raise config_lib.ConfigError(f"--mode={mode!r} is unknown; choose one of {sorted(MODES)}")
+    module, _, fn = MODES[mode].partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def run(config, workdir: str, mode: str = "train"):
+    """Programmatic entry (tests, notebooks): distributed init, validation, dispatch."""
+    from unifluid_jax.train import trainer
+    fn = resolve_mode(mode)
+    if not workdir:
+        raise config_lib.ConfigError("--workdir is required (checkpoints and logs go there)")
+    trainer.maybe_initialize_distributed(config.distributed)
+    config_lib.validate(config)
+    return fn(config, workdir)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/grain chatter; our own loggers stay at INFO
+    logging.getLogger("unifluid_jax").setLevel(logging.INFO)
+    from unifluid_jax.train.trainer import NonFiniteError
+    try:
+        run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+    except config_lib.ConfigError as e:  # exit 2: bad config, nothing was compiled or written
+        print(f"ConfigError: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteError as e:  # exit 3: the run diverged; the message names the last good checkpoint
+        print(f"NonFiniteError: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

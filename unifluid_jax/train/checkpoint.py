@@ -1,0 +1,176 @@
+"""Orbax checkpoints of the train state + every host's data-iterator state + the config; exact resume.
+
+Layout of `<workdir>/checkpoints/<step>/`:
+    state/    StandardSave of {'step', 'params', 'opt_state', 'rng', ['ema_params']} (sharded arrays, async)
+    data/     process_<i>-of-<n>.json: each process's iterator state (written by every process)
+    config/   the run's config as JSON (primary process)
+An interrupted save leaves `<step>.orbax-checkpoint-tmp*`; orbax never lists it as a step and removes it
+when the next manager starts, so resume always uses the latest complete step.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from etils import epath
+import jax
+import orbax.checkpoint as ocp
+
+from unifluid_jax.config import check, check_positive
+
+log = logging.getLogger(__name__)
+
+
+def validate_config(section, path: str = "checkpoint") -> None:
+    check_positive(section, path, "every_steps", "keep_every", allow_zero=True)
+    check(section.max_to_keep is None or section.max_to_keep >= 1, f"{path}.max_to_keep",
+          f"must be None or >= 1, got {section.max_to_keep!r}")
+    if section.init_from:
+        check(epath.Path(section.init_from).exists(), f"{path}.init_from",
+              f"no such directory {section.init_from!r} (a workdir or its checkpoints/ folder)")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-process data iterator state.
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+    """Writes/reads `process_<i>-of-<n>.json` with the iterator's get_state() (dict, or bytes as base64)."""
+
+    def save(self, directory: epath.Path, args: "DataSave"):
+        state = args.item.get_state()
+        if isinstance(state, bytes):
+            state = {"__bytes_b64__": base64.b64encode(state).decode()}
+        (directory / _filename()).write_text(json.dumps(state, indent=1, sort_keys=True))
+        if args.debug_kill:  # test hook: die while the step's temporary directory is half written
+            log.warning("debug.kill_in_save_at_step: SIGKILL inside the checkpoint save")
+            os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(60)
+
+    def restore(self, directory: epath.Path, args: "DataRestore"):
+        f = directory / _filename()
+        if not f.exists():
+            found = sorted(p.name for p in directory.iterdir())
+            raise ValueError(f"no data iterator state {f} (found {found}); resuming with a different number of "
+                             "processes needs a fresh data position: set checkpoint.restore_data=False")
+        state = json.loads(f.read_text())
+        if isinstance(state, dict) and "__bytes_b64__" in state:
+            state = base64.b64decode(state["__bytes_b64__"])
+        args.item.set_state(state)
+        return args.item
+
+    def metadata(self, directory):
+        return None
+
+    def structure(self, directory):
+        return None
+
+    def finalize(self, directory):
+        pass
+
+    def close(self):
+        pass
+
+
+def _filename() -> str:
+    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    item: Any
+    debug_kill: bool = False  # config.debug.kill_in_save_at_step (tests only)
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    item: Any
+
+
+# --------------------------------------------------------------------------------------------------------
+
+
+def _abstract(tree):
+    """Arrays (or ShapeDtypeStructs with .sharding) -> ShapeDtypeStructs carrying the target shardings."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
+    return epath.Path(workdir) / "checkpoints"
+
+
+class Checkpointer:
+    """The run's CheckpointManager (async by default) with the save/restore calls the trainer needs."""
+
+    def __init__(self, workdir: str, section, debug=None):
+        self.section = section
+        self.debug = debug
+        preservation = [ocp.checkpoint_managers.LatestN(section.max_to_keep)]
+        if section.keep_every:
+            preservation.append(ocp.checkpoint_managers.EveryNSteps(int(section.keep_every)))
+        options = ocp.CheckpointManagerOptions(
+            save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(max(int(section.every_steps), 1))
+            if section.every_steps else ocp.checkpoint_managers.SpecificStepsPolicy(()),
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(preservation),
+            enable_async_checkpointing=bool(section.get("async_save", True)),
+            cleanup_tmp_directories=True, create=True)
+        self._kill_step = int(debug.get("kill_in_save_at_step", -1)) if debug is not None else -1
+        self.manager = ocp.CheckpointManager(
+            checkpoint_dir(workdir), options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": DataIteratorHandler(),
+                           "config": ocp.JsonCheckpointHandler()})
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        return self.manager.should_save(step)
+
+    def save(self, step: int, state, data_iter, config_dict: dict, force: bool = False) -> bool:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=DataSave(data_iter, debug_kill=step == self._kill_step),
+                                  config=ocp.args.JsonSave(config_dict))
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, abstract_state, data_iter=None):
+        """Restores `state` (into the shardings of `abstract_state`) and, if given, the iterator in place."""
+        items = {"state": ocp.args.StandardRestore(_abstract(abstract_state))}
+        if data_iter is not None:
+            items["data"] = DataRestore(data_iter)
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return out["state"]
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_params_from(path: str, abstract_params, step: int | None = None):
+    """Fine-tuning: only the params of another run (workdir or its checkpoints/ dir), into our shardings."""
+    path = epath.Path(path)
+    if (path / "checkpoints").exists():
+        path = path / "checkpoints"
+    with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_handlers={"state": ocp.StandardCheckpointHandler()}) as mgr:
+        step = mgr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"checkpoint.init_from: no complete checkpoint under {path}")
+        target = {"params": _abstract(abstract_params)}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True)))
+    return out["state"]["params"], step
