@@ -1,0 +1,391 @@
+"""grain input pipeline: records -> per-host batches in the `layout.py` format.
+
+    source(s) -> global shuffle (seed, reshuffled each epoch) -> per-host shard (every shard_count-th element
+    of the global order, from shard_index) -> parse + validate + decode (PIL) -> resize / centre crop to
+    gen_size and und_size -> [-1, 1] float32 -> tokenize -> text layout -> mix sources by weight ->
+    per-host batch (skipping bad records) -> optional multi-process prefetch (worker_count).
+
+Config (`config.data`, see `default_config`):
+    sources             list of dicts: path (glob / shard prefix / dir), kind ('array_record' | 'tfds'),
+                        weight (> 0, relative), task (optional: overrides the record's task, so one caption
+                        set can feed both 'caption' and 't2i'). tfds sources also take name, split,
+                        data_dir, field_map (see tfds_source.py).
+    gen_size            generation image size (VAE input), default 256; demo 64
+    und_size            understanding image size (SigLIP input), default 224
+    max_text_len        text segment length L
+    tokenizer           SentencePiece model path (Gemma ids)
+    per_host_batch_size examples per host per step
+    seed                shuffle seed
+    shuffle / num_epochs  global shuffle on/off; epochs (None = repeat forever; finite for evaluation)
+    worker_count        grain worker processes (0 = in-process); worker_buffer_size per worker
+    read_threads        threads per process for record reading + decoding
+    truncate            truncate over-long prompts instead of skipping the record
+    caption_prompt      the fixed question of caption examples ("caption en")
+    edit_source         how an edit's source image enters: 'siglip' (und slots), 'vae' (src slots), 'both'
+    max_consecutive_skips  fail loudly if this many records in a row are bad
+    probe_records       records read per source up front to find a valid one (else a clear error)
+
+Batch (numpy, leading dim B = per_host_batch_size):
+    task            [B]        int32  index into layout.TASKS
+    text_tokens     [B, L]     int32  } from layout.text_layout
+    text_input_mask [B, L]     int32  }
+    text_mask_ar    [B, L]     int32  }
+    text_loss_mask  [B, L]     int32  }
+    image_gen       [B, G, G, 3] float32 in [-1, 1]: t2i image / edit target; zeros otherwise
+    image_und       [B, U, U, 3] float32 in [-1, 1]: caption/vqa image, edit source if edit_source uses
+                               siglip; zeros otherwise
+    image_src       [B, G, G, 3] float32: edit source for the VAE path; only if edit_source uses vae
+    valid           [B]        int32  1 for real examples; 0 only for padding in the last batch of a
+                               finite (num_epochs) pass
+    num_skipped     [len(SKIP_REASONS)] int32  NOT per example: records skipped while this host built this
+                               batch, by reason. It travels inside the batch, so it is exact across grain
+                               worker processes. Pop it (`split_stats`) before building global arrays.
+
+Determinism: the iterator's `get_state()` / `set_state()` (grain) restores to exactly the next batch.
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+from PIL import Image, ImageOps
+
+from unifluid_jax.config import check, check_choice, check_positive
+from unifluid_jax.data import layout, records
+from unifluid_jax.data.tokenizer import Tokenizer
+
+SKIP_REASONS = ("bad_record", "bad_task", "missing_field", "empty_text", "too_long", "bad_image")
+STAT_KEYS = ("num_skipped",)
+EDIT_SOURCES = ("siglip", "vae", "both")
+SOURCE_KINDS = ("array_record", "tfds")
+
+
+class DataError(ValueError):
+    """The input cannot produce examples (no records, no valid records, a misconfigured source)."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.sources = [{"path": "", "kind": "array_record", "weight": 1.0, "task": ""}]
+    c.gen_size = 256
+    c.und_size = 224
+    c.max_text_len = 64
+    c.tokenizer = ""
+    c.per_host_batch_size = 8
+    c.seed = 0
+    c.shuffle = True
+    c.num_epochs = ml_collections.config_dict.placeholder(int)
+    c.worker_count = 0
+    c.worker_buffer_size = 2
+    c.read_threads = 4
+    c.truncate = False
+    c.caption_prompt = "caption en"
+    c.edit_source = "siglip"
+    c.max_consecutive_skips = 1000
+    c.probe_records = 64
+    return c
+
+
+def validate_config(section, path: str = "data") -> None:
+    check(len(section.sources) > 0, f"{path}.sources", "needs at least one source")
+    for i, s in enumerate(section.sources):
+        p = f"{path}.sources[{i}]"
+        check_choice(s.get("kind", "array_record"), f"{p}.kind", SOURCE_KINDS)
+        check(float(s.get("weight", 1.0)) > 0, f"{p}.weight", f"must be > 0, got {s.get('weight')!r}")
+        if s.get("task"):
+            check_choice(s["task"], f"{p}.task", layout.TASKS)
+        if s.get("kind", "array_record") == "array_record":
+            check(bool(s.get("path")), f"{p}.path", "set the ArrayRecord glob / prefix / directory")
+        else:
+            check(bool(s.get("name")), f"{p}.name", "set the TFDS dataset name")
+    check_positive(section, path, "gen_size", "und_size", "max_text_len", "per_host_batch_size",
+                   "max_consecutive_skips", "probe_records")
+    check_positive(section, path, "worker_count", "read_threads", allow_zero=True)
+    check(bool(section.tokenizer), f"{path}.tokenizer", "set the SentencePiece model path")
+    check_choice(section.edit_source, f"{path}.edit_source", EDIT_SOURCES)
+    check(section.max_text_len >= 4, f"{path}.max_text_len", "must be >= 4")
+
+
+def split_stats(batch: dict) -> tuple[dict, dict]:
+    """(per-example fields, per-host statistics such as num_skipped)."""
+    return ({k: v for k, v in batch.items() if k not in STAT_KEYS},
+            {k: batch[k] for k in STAT_KEYS if k in batch})
+
+
+def batch_spec(cfg, batch_size: int | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shapes and dtypes of every per-example batch field (for AOT compilation / shape checks)."""
+    b = batch_size or cfg.per_host_batch_size
+    L, G, U = cfg.max_text_len, cfg.gen_size, cfg.und_size
+    spec = {"task": ((b,), np.int32), "valid": ((b,), np.int32),
+            "image_gen": ((b, G, G, 3), np.float32), "image_und": ((b, U, U, 3), np.float32)}
+    for k in ("text_tokens", "text_input_mask", "text_mask_ar", "text_loss_mask"):
+        spec[k] = ((b, L), np.int32)
+    if cfg.edit_source in ("vae", "both"):
+        spec["image_src"] = ((b, G, G, 3), np.float32)
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------- per example
+
+def load_image(data, size: int) -> np.ndarray:
+    """Encoded bytes (or an HxWx3 uint8 array) -> [size, size, 3] float32 in [-1, 1] (resize shorter side,
+    centre crop). Raises OSError / ValueError on undecodable input."""
+    if isinstance(data, np.ndarray):
+        img = Image.fromarray(data.astype(np.uint8))
+    else:
+        img = Image.open(io.BytesIO(data))
+        if img.format == "JPEG":
+            img.draft("RGB", (size, size))  # decode at reduced scale when much larger: big speedup
+        img.load()  # forces the full decode: truncated / corrupt bytes raise here
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if img.size != (size, size):
+        img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.float32) * (2.0 / 255.0) - 1.0
+
+
+def _skip(reason: str) -> dict:
+    return {"_skip": SKIP_REASONS.index(reason)}
+
+
+class ExampleFn:
+    """Record (serialized bytes or dict) -> example dict, or {'_skip': reason} for a bad record.
+
+    Module-level and holding only picklable state, so grain can ship it to worker processes.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, gen_size: int, und_size: int, max_text_len: int,
+                 truncate: bool = False, caption_prompt: str = "caption en", edit_source: str = "siglip",
+                 task: str | None = None):
+        self.tok = tokenizer
+        self.gen_size, self.und_size, self.max_text_len = gen_size, und_size, max_text_len
+        self.truncate, self.caption_prompt, self.edit_source = truncate, caption_prompt, edit_source
+        self.task = task or None
+        self.with_src = edit_source in ("vae", "both")
+        self.edit_und = edit_source in ("siglip", "both")
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer: Tokenizer, task: str | None = None) -> "ExampleFn":
+        return cls(tokenizer, gen_size=cfg.gen_size, und_size=cfg.und_size, max_text_len=cfg.max_text_len,
+                   truncate=cfg.truncate, caption_prompt=cfg.caption_prompt, edit_source=cfg.edit_source,
+                   task=task)
+
+    def _texts(self, tid: int, rec: Mapping[str, Any]):
+        """(prompt, answer) strings for the task, or a skip reason."""
+        need = {layout.T2I: ("caption",), layout.CAPTION: ("caption",), layout.VQA: ("question", "answer"),
+                layout.EDIT: ("instruction",)}[tid]
+        vals = []
+        for k in need:
+            v = rec.get(k)
+            if isinstance(v, bytes):
+                try:
+                    v = v.decode("utf-8")
+                except UnicodeDecodeError:
+                    return "bad_record"
+            if not isinstance(v, str):
+                return "missing_field"
+            if not v.strip():
+                return "empty_text"
+            vals.append(v.strip())
+        if tid == layout.T2I or tid == layout.EDIT:
+            return vals[0], None
+        if tid == layout.CAPTION:
+            return self.caption_prompt, vals[0]
+        return vals[0], vals[1]
+
+    def __call__(self, raw) -> dict:
+        if isinstance(raw, (bytes, bytearray, memoryview)):
+            try:
+                rec = records.decode_record(raw)
+            except records.RecordError:
+                return _skip("bad_record")
+        elif isinstance(raw, Mapping):
+            rec = raw
+        else:
+            return _skip("bad_record")
+        try:
+            tid = layout.task_id(self.task or rec.get("task"))
+        except (ValueError, TypeError):
+            return _skip("bad_task")
+        texts = self._texts(tid, rec)
+        if isinstance(texts, str):
+            return _skip(texts)
+        prompt, answer = texts
+        try:
+            text = layout.text_layout(tid, self.tok.encode(prompt),
+                                      None if answer is None else self.tok.encode(answer),
+                                      self.max_text_len, truncate=self.truncate, sep_ids=self.tok.sep_ids)
+        except layout.TextTooLongError:
+            return _skip("too_long")
+        except layout.EmptyTextError:
+            return _skip("empty_text")
+        g, u = self.gen_size, self.und_size
+        ex = {"task": np.int32(tid), "valid": np.int32(1), **text}
+        image, image2 = rec.get("image"), rec.get("image2")
+        if image is None or (tid == layout.EDIT and image2 is None):
+            return _skip("missing_field")
+        try:
+            if tid == layout.T2I:
+                ex["image_gen"], ex["image_und"] = load_image(image, g), np.zeros((u, u, 3), np.float32)
+            elif tid in layout.UND_TASKS:
+                ex["image_gen"], ex["image_und"] = np.zeros((g, g, 3), np.float32), load_image(image, u)
+            else:  # edit: image = source, image2 = target
+                ex["image_gen"] = load_image(image2, g)
+                ex["image_und"] = load_image(image, u) if self.edit_und else np.zeros((u, u, 3), np.float32)
+                if self.with_src:
+                    ex["image_src"] = load_image(image, g)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return _skip("bad_image")
+        if self.with_src and "image_src" not in ex:
+            ex["image_src"] = np.zeros((g, g, 3), np.float32)
+        return ex
+
+
+# ----------------------------------------------------------------------------------------------- batching
+
+class SkipCountingBatch(grain.IterDataset):
+    """Batches valid examples, counting (not yielding) skip markers; see the module docstring."""
+
+    def __init__(self, parent: grain.IterDataset, batch_size: int, max_consecutive_skips: int):
+        super().__init__(parent)
+        self.batch_size, self.max_consecutive_skips = batch_size, max_consecutive_skips
+
+    def __iter__(self):
+        return _SkipCountingBatchIterator(self._parent.__iter__(), self.batch_size, self.max_consecutive_skips)
+
+
+class _SkipCountingBatchIterator(grain.DatasetIterator):
+
+    def __init__(self, parent, batch_size: int, max_consecutive_skips: int):
+        super().__init__(parent)
+        self._batch_size, self._max_skips = batch_size, max_consecutive_skips
+
+    def __next__(self) -> dict:
+        examples, skipped, run = [], np.zeros((len(SKIP_REASONS),), np.int32), 0
+        while len(examples) < self._batch_size:
+            try:
+                ex = next(self._parent)
+            except StopIteration:
+                if not examples:
+                    raise
+                break
+            if "_skip" in ex:
+                skipped[ex["_skip"]] += 1
+                run += 1
+                if run >= self._max_skips:
+                    counts = {r: int(n) for r, n in zip(SKIP_REASONS, skipped) if n}
+                    raise DataError(f"{run} bad records in a row (skipped so far in this batch: {counts}); "
+                                    "the input looks broken (raise data.max_consecutive_skips if not)")
+                continue
+            run = 0
+            examples.append(ex)
+        pad = self._batch_size - len(examples)
+        batch = {k: np.stack([e[k] for e in examples] + [np.zeros_like(examples[0][k])] * pad)
+                 for k in examples[0]}
+        batch["num_skipped"] = skipped
+        return batch
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+def open_source(src_cfg: Mapping[str, Any]):
+    """A grain random-access source for one `config.data.sources` entry."""
+    kind = src_cfg.get("kind", "array_record") or "array_record"
+    if kind == "array_record":
+        try:
+            return records.open_source(src_cfg["path"])
+        except FileNotFoundError as e:
+            raise DataError(f"data source {src_cfg['path']!r}: {e}") from None
+    if kind == "tfds":
+        from unifluid_jax.data import tfds_source
+        return tfds_source.TfdsSource.from_config(src_cfg)
+    raise DataError(f"unknown data source kind {kind!r}; choose one of {SOURCE_KINDS}")
+
+
+def _probe(source, fn: ExampleFn, n: int, name: str) -> None:
+    """Raises DataError unless one of the first n records of the source yields a valid example."""
+    if len(source) == 0:
+        raise DataError(f"data source {name}: no records")
+    reasons: dict[str, int] = {}
+    for i in range(min(n, len(source))):
+        ex = fn(source[i])
+        if "_skip" not in ex:
+            return
+        r = SKIP_REASONS[ex["_skip"]]
+        reasons[r] = reasons.get(r, 0) + 1
+    what = "all" if n >= len(source) else f"the first {min(n, len(source))}"
+    raise DataError(f"data source {name}: zero valid records ({what} of {len(source)} records are bad: "
+                    f"{reasons})")
+
+
+def _source_seed(seed: int, i: int) -> int:
+    return (int(seed) * 1_000_003 + i * 7919) % 2**32
+
+
+def example_dataset(cfg, *, shard_index: int, shard_count: int, tokenizer: Tokenizer | None = None,
+                    decode: bool = True) -> grain.MapDataset:
+    """Mixed per-host MapDataset of examples (skip markers included). `decode=False` yields parsed records
+    instead (the cheap metadata path: task mixing / sharding checks without image decoding)."""
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+    tok = tokenizer or Tokenizer(cfg.tokenizer)
+    datasets, weights = [], []
+    for i, s in enumerate(cfg.sources):
+        s = dict(s)
+        name = s.get("path") or s.get("name")
+        src = open_source(s)
+        fn = ExampleFn.from_config(cfg, tok, task=s.get("task") or None)
+        _probe(src, fn, cfg.probe_records, repr(name))
+        ds = grain.MapDataset.source(src)
+        if cfg.shuffle:
+            ds = ds.shuffle(seed=_source_seed(cfg.seed, i))
+        ds = ds.repeat(cfg.num_epochs)  # None: forever, reshuffled every epoch
+        ds = ds[shard_index::shard_count]
+        ds = ds.map(fn if decode else _ParseOnly(s.get("task") or None))
+        datasets.append(ds)
+        weights.append(float(s.get("weight", 1.0)))
+    if len(datasets) == 1:
+        return datasets[0]
+    return grain.MapDataset.mix(datasets, weights)
+
+
+class _ParseOnly:
+    def __init__(self, task):
+        self.task = task
+
+    def __call__(self, raw):
+        rec = records.decode_record(raw) if isinstance(raw, (bytes, bytearray)) else dict(raw)
+        return {"task": self.task or rec.get("task"), "id": rec.get("id")}
+
+
+def make_dataset(cfg, *, shard_index: int | None = None, shard_count: int | None = None,
+                 tokenizer: Tokenizer | None = None) -> grain.IterDataset:
+    """The full per-host pipeline (an IterDataset of batches). Shard defaults: this JAX process."""
+    validate_config(cfg)
+    if shard_index is None or shard_count is None:
+        import jax
+        shard_index, shard_count = jax.process_index(), jax.process_count()
+    ds = example_dataset(cfg, shard_index=shard_index, shard_count=shard_count, tokenizer=tokenizer)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                              prefetch_buffer_size=max(2 * cfg.read_threads, 1)))
+    it = SkipCountingBatch(it, cfg.per_host_batch_size, cfg.max_consecutive_skips)
+    if cfg.worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
+                                                         per_worker_buffer_size=cfg.worker_buffer_size))
+    return it
+
+
+def make_iterator(cfg, **kwargs) -> grain.DatasetIterator:
+    """Iterator over per-host batches; checkpoint with `get_state()` / `set_state()`. Close it when done
+    if worker_count > 0 (`it.close()`)."""
+    return iter(make_dataset(cfg, **kwargs))

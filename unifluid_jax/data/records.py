@@ -1,0 +1,266 @@
+"""WebLI-style records: schema, a safe binary serialisation, ArrayRecord shards, and importers.
+
+A record is a dict; each record yields one training example of one task:
+
+    id          str    unique id (for debugging / eval bookkeeping)
+    task        str    't2i' | 'caption' | 'vqa' | 'edit'  (a source in config.data can override it)
+    image       bytes  encoded PNG/JPEG. t2i: the image to generate; caption/vqa: the input image;
+                       edit: the SOURCE image (the one the instruction edits)
+    image2      bytes  edit only: the TARGET image (the edited result, what the model generates)
+    caption     str    t2i prompt / caption target
+    question    str    vqa question
+    answer      str    vqa answer
+    instruction str    edit instruction
+
+Serialisation (no pickle: records may come from untrusted files):
+
+    b"UFR1" | uint32 little-endian header length | JSON header | raw bytes fields, concatenated
+    header = {"str": {name: value}, "bytes": {name: [offset, length]}}
+
+Shards are `{prefix}-{i:05d}-of-{n:05d}.array_record`, read with grain's ArrayRecordDataSource
+(`open_source`). Importers turn common layouts into shards: image folder + JSONL/CSV captions, COCO-captions
+JSON, VQA (questions + annotations JSON), edit pairs JSONL.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import struct
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+MAGIC = b"UFR1"
+STR_FIELDS = ("id", "task", "caption", "question", "answer", "instruction")
+BYTES_FIELDS = ("image", "image2")
+SHARD_SUFFIX = ".array_record"
+
+
+class RecordError(ValueError):
+    """A record's bytes cannot be parsed."""
+
+
+def encode_record(record: Mapping[str, Any]) -> bytes:
+    """dict of str / bytes values -> bytes. Unknown keys are kept (str or bytes); None values are dropped."""
+    strs, blobs, chunks, offset = {}, {}, [], 0
+    for k, v in record.items():
+        if v is None:
+            continue
+        if isinstance(v, (bytes, bytearray, memoryview)):
+            v = bytes(v)
+            blobs[k] = [offset, len(v)]
+            chunks.append(v)
+            offset += len(v)
+        elif isinstance(v, str):
+            strs[k] = v
+        else:
+            raise TypeError(f"record field {k!r}: expected str or bytes, got {type(v).__name__}")
+    header = json.dumps({"str": strs, "bytes": blobs}, ensure_ascii=False).encode("utf-8")
+    return MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
+
+
+def decode_record(data: bytes) -> dict[str, Any]:
+    """Inverse of `encode_record`; raises RecordError on malformed input (never executes anything)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise RecordError(f"record: expected bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) < 8 or data[:4] != MAGIC:
+        raise RecordError("record: bad magic (not a unifluid record)")
+    (n,) = struct.unpack("<I", data[4:8])
+    if 8 + n > len(data):
+        raise RecordError("record: truncated header")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+        strs, blobs = header["str"], header["bytes"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RecordError(f"record: bad header ({e})") from None
+    out: dict[str, Any] = {}
+    body = data[8 + n:]
+    for k, v in strs.items():
+        if not isinstance(v, str):
+            raise RecordError(f"record: field {k!r} is not a string")
+        out[k] = v
+    for k, span in blobs.items():
+        try:
+            off, ln = int(span[0]), int(span[1])
+        except (TypeError, ValueError, IndexError):
+            raise RecordError(f"record: bad span for {k!r}") from None
+        if off < 0 or ln < 0 or off + ln > len(body):
+            raise RecordError(f"record: field {k!r} runs past the end (truncated)")
+        out[k] = body[off:off + ln]
+    return out
+
+
+def shard_paths(prefix: str, num_shards: int) -> list[str]:
+    return [f"{prefix}-{i:05d}-of-{num_shards:05d}{SHARD_SUFFIX}" for i in range(num_shards)]
+
+
+class RecordWriter:
+    """Writes records round-robin into `num_shards` ArrayRecord shards. Use as a context manager."""
+
+    def __init__(self, prefix: str, num_shards: int = 1, options: str = "group_size:1"):
+        from array_record.python.array_record_module import ArrayRecordWriter
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        self.paths = shard_paths(prefix, num_shards)
+        # group_size:1 keeps random access cheap (one record per chunk), which grain's global shuffle needs.
+        self._writers = [ArrayRecordWriter(p, options) for p in self.paths]
+        self.count = 0
+
+    def write(self, record: Mapping[str, Any] | bytes) -> None:
+        data = record if isinstance(record, bytes) else encode_record(record)
+        self._writers[self.count % len(self._writers)].write(data)
+        self.count += 1
+
+    def close(self) -> None:
+        for w in self._writers:
+            w.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def write_records(records: Iterable[Mapping[str, Any] | bytes], prefix: str, num_shards: int = 1) -> list[str]:
+    """Writes all records; returns the shard paths."""
+    with RecordWriter(prefix, num_shards) as w:
+        for r in records:
+            w.write(r)
+    return w.paths
+
+
+def resolve_paths(paths: str | Sequence[str]) -> list[str]:
+    """A glob pattern, a shard prefix, a directory, or a list of those -> sorted list of shard files."""
+    items = [paths] if isinstance(paths, str) else list(paths)
+    out: list[str] = []
+    for p in items:
+        if os.path.isdir(p):
+            found = glob.glob(os.path.join(p, "*" + SHARD_SUFFIX))
+        elif any(ch in p for ch in "*?["):
+            found = glob.glob(p)
+        elif os.path.exists(p):
+            found = [p]
+        else:
+            found = glob.glob(p + "-*-of-*" + SHARD_SUFFIX)
+        if not found:
+            raise FileNotFoundError(f"no ArrayRecord shards match {p!r}")
+        out.extend(sorted(found))
+    return out
+
+
+def open_source(paths: str | Sequence[str]):
+    """grain random-access source over the shards (elements are serialized records)."""
+    import grain
+    return grain.sources.ArrayRecordDataSource(resolve_paths(paths))
+
+
+def read_records(paths: str | Sequence[str]) -> Iterator[dict[str, Any]]:
+    """Iterates decoded records in shard order (debugging / small datasets)."""
+    src = open_source(paths)
+    for i in range(len(src)):
+        yield decode_record(src[i])
+
+
+# ----------------------------------------------------------------------------------------------- importers
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _rows(path: str) -> Iterator[dict[str, Any]]:
+    """JSONL (one object per line) or CSV with a header row."""
+    if path.endswith(".csv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            yield from csv.DictReader(f)
+        return
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"{path}:{n + 1}: bad JSON line ({e})") from None
+
+
+def import_image_folder(image_dir: str, captions: str, prefix: str, num_shards: int = 1, task: str = "caption",
+                        image_key: str = "image", caption_key: str = "caption") -> list[str]:
+    """Image folder + JSONL/CSV rows {image: relative path, caption: text} -> shards (task caption or t2i)."""
+    def gen():
+        for i, row in enumerate(_rows(captions)):
+            name = row[image_key]
+            yield {"id": os.path.splitext(name)[0] if "id" not in row else str(row["id"]), "task": task,
+                   "image": _read_file(os.path.join(image_dir, name)), "caption": row[caption_key]}
+    return write_records(gen(), prefix, num_shards)
+
+
+def import_coco_captions(annotations_json: str, image_dir: str, prefix: str, num_shards: int = 1,
+                         task: str = "caption") -> list[str]:
+    """COCO captions ({images: [{id, file_name}], annotations: [{image_id, caption, id}]}): one record per
+    caption."""
+    with open(annotations_json, encoding="utf-8") as f:
+        coco = json.load(f)
+    files = {im["id"]: im["file_name"] for im in coco["images"]}
+
+    def gen():
+        cache: dict[Any, bytes] = {}
+        for ann in coco["annotations"]:
+            iid = ann["image_id"]
+            if iid not in cache:
+                cache.clear()  # annotations are usually grouped; keep memory bounded
+                cache[iid] = _read_file(os.path.join(image_dir, files[iid]))
+            yield {"id": f"{iid}/{ann.get('id', '')}", "task": task, "image": cache[iid],
+                   "caption": ann["caption"].strip()}
+    return write_records(gen(), prefix, num_shards)
+
+
+def import_vqa(questions_json: str, annotations_json: str | None, image_dir: str, prefix: str,
+               num_shards: int = 1, image_pattern: str = "COCO_train2014_{image_id:012d}.jpg") -> list[str]:
+    """VQA v2 style: questions {questions: [{image_id, question, question_id}]} and annotations
+    {annotations: [{question_id, multiple_choice_answer, answers}]} (None for test questions without answers).
+    Records get `answer` (the consensus answer) and `answers` (JSON list of all human answers)."""
+    with open(questions_json, encoding="utf-8") as f:
+        questions = json.load(f)["questions"]
+    answers, all_answers = {}, {}
+    if annotations_json:
+        with open(annotations_json, encoding="utf-8") as f:
+            for a in json.load(f)["annotations"]:
+                answers[a["question_id"]] = a["multiple_choice_answer"]
+                all_answers[a["question_id"]] = [x["answer"] for x in a.get("answers", ())]
+
+    def gen():
+        for q in questions:
+            path = os.path.join(image_dir, image_pattern.format(image_id=q["image_id"]))
+            rec = {"id": str(q["question_id"]), "task": "vqa", "image": _read_file(path),
+                   "question": q["question"]}
+            if q["question_id"] in answers:
+                rec["answer"] = answers[q["question_id"]]
+                rec["answers"] = json.dumps(all_answers[q["question_id"]])  # all human answers (VQA accuracy)
+            yield rec
+    return write_records(gen(), prefix, num_shards)
+
+
+def import_edit_pairs(pairs: str, image_dir: str, prefix: str, num_shards: int = 1,
+                      source_key: str = "source", target_key: str = "target",
+                      instruction_key: str = "instruction") -> list[str]:
+    """JSONL/CSV rows {source, target, instruction} (image paths relative to image_dir) -> edit records
+    (image = source, image2 = target)."""
+    def gen():
+        for i, row in enumerate(_rows(pairs)):
+            yield {"id": str(row.get("id", i)), "task": "edit",
+                   "image": _read_file(os.path.join(image_dir, row[source_key])),
+                   "image2": _read_file(os.path.join(image_dir, row[target_key])),
+                   "instruction": row[instruction_key]}
+    return write_records(gen(), prefix, num_shards)
+
+
+def count_by(records: Iterable[Mapping[str, Any]], key: str) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for r in records:
+        out[r.get(key)] += 1
+    return dict(out)
