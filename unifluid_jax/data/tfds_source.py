@@ -7,7 +7,7 @@ A `config.data.sources` entry of kind 'tfds':
      "field_map": {"image": "image", "caption": "captions/text", "id": "image/id"}}
 
 `field_map` maps record fields (records.py schema: image, image2, caption, question, answer, instruction,
-id, task) to TFDS feature paths ('/' descends into nested features). A feature that is a sequence (e.g. the
+id, task) to TFDS feature paths ('/' descends into nested features; a key containing '/' matches first). A feature that is a sequence (e.g. the
 five COCO captions) contributes its first element. Image features mapped to `image` / `image2` are read
 undecoded (`tfds.decode.SkipDecoding`, top-level features only) so the pipeline decodes them like ArrayRecord
 images; decoded arrays also work. Text comes back as str. The dataset must have been prepared with
@@ -23,13 +23,18 @@ import numpy as np
 IMAGE_FIELDS = ("image", "image2")
 
 
-def _lookup(example: Mapping[str, Any], path: str):
-    v: Any = example
-    for part in path.split("/"):
-        if not isinstance(v, Mapping) or part not in v:
-            return None
-        v = v[part]
-    return v
+def _lookup(example: Any, path: str):
+    """Feature at `path`; keys may themselves contain '/' (e.g. COCO's 'image/id'): longest match first."""
+    if not isinstance(example, Mapping):
+        return None
+    if path in example:
+        return example[path]
+    parts = path.split("/")
+    for k in range(len(parts) - 1, 0, -1):
+        head = "/".join(parts[:k])
+        if head in example:
+            return _lookup(example[head], "/".join(parts[k:]))
+    return None
 
 
 def _to_value(v):
