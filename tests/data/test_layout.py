@@ -41,8 +41,12 @@ def test_too_long_and_truncate():
         L.text_layout("caption", [10], [20, 21, 22, 23, 24], 6, truncate=True, sep_ids=SEP)
     with pytest.raises(L.EmptyTextError):
         L.text_layout("vqa", [10], [], 6)
-    with pytest.raises(L.EmptyTextError):
-        L.text_layout("t2i", [], None, 6)
+    t = L.text_layout("t2i", [], None, 4)  # unconditional (CFG) input: BOS only
+    np.testing.assert_array_equal(t["text_tokens"], [2, 0, 0, 0])
+    np.testing.assert_array_equal(t["text_input_mask"], [1, 0, 0, 0])
+    t = L.text_layout("vqa", [10], None, 5, sep_ids=SEP)  # decoding prefix: BOS q SEP
+    np.testing.assert_array_equal(t["text_tokens"], [2, 10, 4, 0, 0])
+    assert t["text_mask_ar"].sum() == 0 and t["text_loss_mask"].sum() == 0
     with pytest.raises(ValueError):
         L.text_layout("segment", [10], None, 6)
 

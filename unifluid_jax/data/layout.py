@@ -57,7 +57,7 @@ class TextTooLongError(ValueError):
 
 
 class EmptyTextError(ValueError):
-    """A required text (prompt of t2i/edit, question of vqa, answer of caption/vqa) is empty."""
+    """The answer of a caption/vqa training example is empty (the pipeline also rejects empty prompts)."""
 
 
 def task_id(task) -> int:
@@ -78,8 +78,10 @@ def text_layout(task, prompt_ids: Sequence[int], answer_ids: Sequence[int] | Non
 
     Args:
       task: name or id.
-      prompt_ids: prompt (t2i/edit) or question (caption/vqa) ids, without BOS.
-      answer_ids: answer ids without EOS (caption/vqa); ignored (may be None) for t2i/edit.
+      prompt_ids: prompt (t2i/edit) or question (caption/vqa) ids, without BOS. An empty t2i/edit prompt
+        gives [BOS] alone (the unconditional input for classifier-free guidance).
+      answer_ids: answer ids without EOS (caption/vqa); ignored for t2i/edit. For caption/vqa, None lays
+        out the prefix only ([BOS question SEP], for decoding); an empty sequence raises EmptyTextError.
       max_len: the text segment length L.
       truncate: cut the prompt's tail to fit instead of raising TextTooLongError.
       sep_ids: the ids of "\\n" (`Tokenizer.sep_ids`), placed after the question for caption/vqa.
@@ -88,20 +90,18 @@ def text_layout(task, prompt_ids: Sequence[int], answer_ids: Sequence[int] | Non
     """
     t = task_id(task)
     prompt = [int(i) for i in prompt_ids]
+    suffix, tail = [], []
     if t in UND_TASKS:
-        answer = [int(i) for i in (answer_ids or ())]
-        if not answer:
-            raise EmptyTextError(f"{TASKS[t]}: empty answer")
         suffix = list(sep_ids)
-        tail = answer + [EOS_ID]
-    else:
-        if not prompt:
-            raise EmptyTextError(f"{TASKS[t]}: empty prompt")
-        suffix, tail = [], []
+        if answer_ids is not None:
+            answer = [int(i) for i in answer_ids]
+            if not answer:
+                raise EmptyTextError(f"{TASKS[t]}: empty answer")
+            tail = answer + [EOS_ID]
     fixed = 1 + len(suffix) + len(tail)  # BOS + SEP + answer + EOS
     if fixed + len(prompt) > max_len:
         room = max_len - fixed
-        if not truncate or room < (1 if t not in UND_TASKS else 0):
+        if not truncate or room < 0:
             raise TextTooLongError(
                 f"{TASKS[t]}: text needs {fixed + len(prompt)} tokens > max_text_len={max_len}"
                 + ("" if not truncate else " even after truncating the prompt"))

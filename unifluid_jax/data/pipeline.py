@@ -16,7 +16,8 @@ Config (`config.data`, see `default_config`):
     tokenizer           SentencePiece model path (Gemma ids)
     per_host_batch_size examples per host per step
     seed                shuffle seed
-    shuffle / num_epochs  global shuffle on/off; epochs (None = repeat forever; finite for evaluation)
+    shuffle / num_epochs  global shuffle on/off; epochs (None = repeat forever; finite for evaluation --
+                        with several sources a finite pass stops when the first mixed source runs out)
     worker_count        grain worker processes (0 = in-process); worker_buffer_size per worker
     read_threads        threads per process for record reading + decoding
     truncate            truncate over-long prompts instead of skipping the record
@@ -369,8 +370,10 @@ class _ParseOnly:
 
 
 def make_dataset(cfg, *, shard_index: int | None = None, shard_count: int | None = None,
-                 tokenizer: Tokenizer | None = None) -> grain.IterDataset:
-    """The full per-host pipeline (an IterDataset of batches). Shard defaults: this JAX process."""
+                 tokenizer: Tokenizer | None = None, batch_size: int | None = None) -> grain.IterDataset:
+    """The full per-host pipeline (an IterDataset of batches). Shard defaults: this JAX process (so each host
+    reads a disjoint 1/process_count of the global shuffled order). `batch_size` overrides
+    cfg.per_host_batch_size (e.g. global batch // process_count computed by the trainer)."""
     validate_config(cfg)
     if shard_index is None or shard_count is None:
         import jax
@@ -378,7 +381,7 @@ def make_dataset(cfg, *, shard_index: int | None = None, shard_count: int | None
     ds = example_dataset(cfg, shard_index=shard_index, shard_count=shard_count, tokenizer=tokenizer)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                               prefetch_buffer_size=max(2 * cfg.read_threads, 1)))
-    it = SkipCountingBatch(it, cfg.per_host_batch_size, cfg.max_consecutive_skips)
+    it = SkipCountingBatch(it, batch_size or cfg.per_host_batch_size, cfg.max_consecutive_skips)
     if cfg.worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                          per_worker_buffer_size=cfg.worker_buffer_size))
