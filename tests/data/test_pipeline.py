@@ -222,3 +222,17 @@ def test_build_shapes_deterministic(tmp_path):
     assert len(files) > 10
     for f in files:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_load_image_scale_and_crop():
+    from unifluid_jax.data import shapes
+    img = shapes.render(shapes.scene_for_index("train", 0, size=64))
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    x = P.load_image(buf.getvalue(), 64)
+    assert x.dtype == np.float32 and x.shape == (64, 64, 3)
+    np.testing.assert_allclose(x, img / 127.5 - 1.0, atol=1e-6)
+    wide = np.zeros((32, 96, 3), np.uint8)
+    wide[:, 32:64] = 255  # the centre square survives the centre crop, the sides do not
+    np.testing.assert_allclose(P.load_image(wide, 16, "nearest"), 1.0)
+    np.testing.assert_allclose(P.load_image(np.full((8, 8, 3), 255, np.uint8), 24, "bilinear"), 1.0, atol=1e-6)

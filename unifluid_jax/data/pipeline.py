@@ -22,6 +22,8 @@ Config (`config.data`, see `default_config`):
     read_threads        threads per process for record reading + decoding
     truncate            truncate over-long prompts instead of skipping the record
     caption_prompt      the fixed question of caption examples ("caption en")
+    gen_resize / und_resize  PIL resampling: 'bicubic' (default for gen, MAR/LDM convention) /
+                        'bilinear' (default for und, big_vision SigLIP convention), 'box', 'nearest', 'lanczos'
     edit_source         how an edit's source image enters: 'siglip' (und slots), 'vae' (src slots), 'both'
     max_consecutive_skips  fail loudly if this many records in a row are bad
     probe_records       records read per source up front to find a valid one (else a clear error)
@@ -63,6 +65,9 @@ SKIP_REASONS = ("bad_record", "bad_task", "missing_field", "empty_text", "too_lo
 STAT_KEYS = ("num_skipped",)
 EDIT_SOURCES = ("siglip", "vae", "both")
 SOURCE_KINDS = ("array_record", "tfds")
+RESAMPLING = {"nearest": Image.Resampling.NEAREST, "box": Image.Resampling.BOX,
+              "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+              "lanczos": Image.Resampling.LANCZOS}
 
 
 class DataError(ValueError):
@@ -85,6 +90,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.read_threads = 4
     c.truncate = False
     c.caption_prompt = "caption en"
+    c.gen_resize = "bicubic"
+    c.und_resize = "bilinear"
     c.edit_source = "siglip"
     c.max_consecutive_skips = 1000
     c.probe_records = 64
@@ -108,6 +115,8 @@ def validate_config(section, path: str = "data") -> None:
     check_positive(section, path, "worker_count", "read_threads", allow_zero=True)
     check(bool(section.tokenizer), f"{path}.tokenizer", "set the SentencePiece model path")
     check_choice(section.edit_source, f"{path}.edit_source", EDIT_SOURCES)
+    check_choice(section.gen_resize, f"{path}.gen_resize", RESAMPLING)
+    check_choice(section.und_resize, f"{path}.und_resize", RESAMPLING)
     check(section.max_text_len >= 4, f"{path}.max_text_len", "must be >= 4")
 
 
@@ -132,7 +141,7 @@ def batch_spec(cfg, batch_size: int | None = None) -> dict[str, tuple[tuple[int,
 
 # ----------------------------------------------------------------------------------------------- per example
 
-def load_image(data, size: int) -> np.ndarray:
+def load_image(data, size: int, resample: str = "bicubic") -> np.ndarray:
     """Encoded bytes (or an HxWx3 uint8 array) -> [size, size, 3] float32 in [-1, 1] (resize shorter side,
     centre crop). Raises OSError / ValueError on undecodable input."""
     if isinstance(data, np.ndarray):
@@ -145,8 +154,11 @@ def load_image(data, size: int) -> np.ndarray:
     if img.mode != "RGB":
         img = img.convert("RGB")
     if img.size != (size, size):
-        img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
-    return np.asarray(img, dtype=np.float32) * (2.0 / 255.0) - 1.0
+        img = ImageOps.fit(img, (size, size), method=RESAMPLING[resample])
+    x = np.asarray(img).astype(np.float32)
+    x *= 2.0 / 255.0
+    x -= 1.0
+    return x
 
 
 def _skip(reason: str) -> dict:
@@ -161,8 +173,9 @@ class ExampleFn:
 
     def __init__(self, tokenizer: Tokenizer, *, gen_size: int, und_size: int, max_text_len: int,
                  truncate: bool = False, caption_prompt: str = "caption en", edit_source: str = "siglip",
-                 task: str | None = None):
+                 task: str | None = None, gen_resize: str = "bicubic", und_resize: str = "bilinear"):
         self.tok = tokenizer
+        self.gen_resize, self.und_resize = gen_resize, und_resize
         self.gen_size, self.und_size, self.max_text_len = gen_size, und_size, max_text_len
         self.truncate, self.caption_prompt, self.edit_source = truncate, caption_prompt, edit_source
         self.task = task or None
@@ -173,7 +186,7 @@ class ExampleFn:
     def from_config(cls, cfg, tokenizer: Tokenizer, task: str | None = None) -> "ExampleFn":
         return cls(tokenizer, gen_size=cfg.gen_size, und_size=cfg.und_size, max_text_len=cfg.max_text_len,
                    truncate=cfg.truncate, caption_prompt=cfg.caption_prompt, edit_source=cfg.edit_source,
-                   task=task)
+                   task=task, gen_resize=cfg.gen_resize, und_resize=cfg.und_resize)
 
     def _texts(self, tid: int, rec: Mapping[str, Any]):
         """(prompt, answer) strings for the task, or a skip reason."""
@@ -225,20 +238,26 @@ class ExampleFn:
         except layout.EmptyTextError:
             return _skip("empty_text")
         g, u = self.gen_size, self.und_size
+
+        def gen(b):
+            return load_image(b, g, self.gen_resize)
+
+        def und(b):
+            return load_image(b, u, self.und_resize)
         ex = {"task": np.int32(tid), "valid": np.int32(1), **text}
         image, image2 = rec.get("image"), rec.get("image2")
         if image is None or (tid == layout.EDIT and image2 is None):
             return _skip("missing_field")
         try:
             if tid == layout.T2I:
-                ex["image_gen"], ex["image_und"] = load_image(image, g), np.zeros((u, u, 3), np.float32)
+                ex["image_gen"], ex["image_und"] = gen(image), np.zeros((u, u, 3), np.float32)
             elif tid in layout.UND_TASKS:
-                ex["image_gen"], ex["image_und"] = np.zeros((g, g, 3), np.float32), load_image(image, u)
+                ex["image_gen"], ex["image_und"] = np.zeros((g, g, 3), np.float32), und(image)
             else:  # edit: image = source, image2 = target
-                ex["image_gen"] = load_image(image2, g)
-                ex["image_und"] = load_image(image, u) if self.edit_und else np.zeros((u, u, 3), np.float32)
+                ex["image_gen"] = gen(image2)
+                ex["image_und"] = und(image) if self.edit_und else np.zeros((u, u, 3), np.float32)
                 if self.with_src:
-                    ex["image_src"] = load_image(image, g)
+                    ex["image_src"] = gen(image)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return _skip("bad_image")
         if self.with_src and "image_src" not in ex:
