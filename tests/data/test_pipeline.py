@@ -24,8 +24,7 @@ def shapes_dir(tmp_path_factory):
 
 def _cfg(shapes_dir, weights=(0.25, 0.25, 0.25, 0.25), **kw):
     c = P.default_config()
-    c.sources = [{"path": str(shapes_dir / "train" / t), "kind": "array_record", "weight": w, "task": ""}
-                 for t, w in zip(L.TASKS, weights)]
+    c.sources = P.shapes_sources(str(shapes_dir), "train", dict(zip(L.TASKS, weights)))
     c.gen_size, c.und_size, c.max_text_len = 64, 32, 48
     c.tokenizer = str(shapes_dir / "tokenizer.model")
     c.per_host_batch_size = 8
@@ -40,7 +39,7 @@ def _texts(shapes_dir, field):
 
 
 def test_batch_fields_and_masks(shapes_dir):
-    cfg = _cfg(shapes_dir, edit_source="both")
+    cfg = _cfg(shapes_dir, edit_source=("siglip", "vae"))
     it = P.make_iterator(cfg, shard_index=0, shard_count=1)
     tok = Tokenizer(cfg.tokenizer)
     spec = P.batch_spec(cfg)
@@ -209,7 +208,7 @@ def test_zero_valid_records_is_a_clear_error(shapes_dir, tmp_path):
     with pytest.raises(P.DataError, match="no ArrayRecord shards"):
         P.make_iterator(cfg, shard_index=0, shard_count=1)
     from unifluid_jax.config import ConfigError
-    cfg.edit_source = "clip"
+    cfg.edit_source = ("clip",)
     with pytest.raises(ConfigError, match="edit_source"):
         P.validate_config(cfg)
 

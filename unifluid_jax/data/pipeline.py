@@ -24,7 +24,9 @@ Config (`config.data`, see `default_config`):
     caption_prompt      the fixed question of caption examples ("caption en")
     gen_resize / und_resize  PIL resampling: 'bicubic' (default for gen, MAR/LDM convention) /
                         'bilinear' (default for und, big_vision SigLIP convention), 'box', 'nearest', 'lanczos'
-    edit_source         how an edit's source image enters: 'siglip' (und slots), 'vae' (src slots), 'both'
+    edit_source         how an edit's source image enters, same format as model.edit_source: a tuple of
+                        'siglip' (und slots) and/or 'vae' (src slots); default ('siglip',). The strings
+                        'siglip', 'vae', 'both' are accepted too.
     max_consecutive_skips  fail loudly if this many records in a row are bad
     probe_records       records read per source up front to find a valid one (else a clear error)
 
@@ -63,7 +65,7 @@ from unifluid_jax.data.tokenizer import Tokenizer
 
 SKIP_REASONS = ("bad_record", "bad_task", "missing_field", "empty_text", "too_long", "bad_image")
 STAT_KEYS = ("num_skipped",)
-EDIT_SOURCES = ("siglip", "vae", "both")
+EDIT_SOURCES = ("siglip", "vae")
 SOURCE_KINDS = ("array_record", "tfds")
 RESAMPLING = {"nearest": Image.Resampling.NEAREST, "box": Image.Resampling.BOX,
               "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
@@ -92,10 +94,30 @@ def default_config() -> ml_collections.ConfigDict:
     c.caption_prompt = "caption en"
     c.gen_resize = "bicubic"
     c.und_resize = "bilinear"
-    c.edit_source = "siglip"
+    c.edit_source = ("siglip",)
     c.max_consecutive_skips = 1000
     c.probe_records = 64
     return c
+
+
+def shapes_sources(dataset_dir: str, split: str = "train",
+                   weights: Mapping[str, float] | None = None) -> list[dict]:
+    """`config.data.sources` for a dataset written by tools/build_shapes.py (one source per task).
+
+    Tasks with weight 0 are left out. Default weights: equal.
+    """
+    import json
+    import os
+    with open(os.path.join(dataset_dir, "metadata.json")) as f:
+        meta = json.load(f)
+    if split not in meta["splits"]:
+        raise DataError(f"{dataset_dir}: no split {split!r} (have {sorted(meta['splits'])})")
+    weights = dict(weights) if weights is not None else {t: 1.0 for t in layout.TASKS}
+    unknown = set(weights) - set(layout.TASKS)
+    if unknown:
+        raise DataError(f"shapes_sources: unknown tasks {sorted(unknown)}; choose from {layout.TASKS}")
+    return [{"path": os.path.join(dataset_dir, meta["splits"][split][t]), "kind": "array_record",
+             "weight": float(weights[t]), "task": ""} for t in layout.TASKS if weights.get(t, 0) > 0]
 
 
 def validate_config(section, path: str = "data") -> None:
@@ -114,10 +136,24 @@ def validate_config(section, path: str = "data") -> None:
                    "max_consecutive_skips", "probe_records")
     check_positive(section, path, "worker_count", "read_threads", allow_zero=True)
     check(bool(section.tokenizer), f"{path}.tokenizer", "set the SentencePiece model path")
-    check_choice(section.edit_source, f"{path}.edit_source", EDIT_SOURCES)
+    try:
+        edit_sources(section.edit_source)
+    except ValueError as e:
+        check(False, f"{path}.edit_source", str(e))
     check_choice(section.gen_resize, f"{path}.gen_resize", RESAMPLING)
     check_choice(section.und_resize, f"{path}.und_resize", RESAMPLING)
     check(section.max_text_len >= 4, f"{path}.max_text_len", "must be >= 4")
+
+
+def edit_sources(value) -> tuple[str, ...]:
+    """Normalises data.edit_source ('siglip' | 'vae' | 'both' | a sequence of 'siglip'/'vae') to a tuple."""
+    if isinstance(value, str):
+        value = EDIT_SOURCES if value == "both" else (value,)
+    out = tuple(value)
+    bad = [v for v in out if v not in EDIT_SOURCES]
+    if not out or bad:
+        raise ValueError(f"unknown value {value!r}; use a non-empty tuple of {EDIT_SOURCES} (or 'both')")
+    return out
 
 
 def split_stats(batch: dict) -> tuple[dict, dict]:
@@ -134,7 +170,7 @@ def batch_spec(cfg, batch_size: int | None = None) -> dict[str, tuple[tuple[int,
             "image_gen": ((b, G, G, 3), np.float32), "image_und": ((b, U, U, 3), np.float32)}
     for k in ("text_tokens", "text_input_mask", "text_mask_ar", "text_loss_mask"):
         spec[k] = ((b, L), np.int32)
-    if cfg.edit_source in ("vae", "both"):
+    if "vae" in edit_sources(cfg.edit_source):
         spec["image_src"] = ((b, G, G, 3), np.float32)
     return spec
 
@@ -172,15 +208,16 @@ class ExampleFn:
     """
 
     def __init__(self, tokenizer: Tokenizer, *, gen_size: int, und_size: int, max_text_len: int,
-                 truncate: bool = False, caption_prompt: str = "caption en", edit_source: str = "siglip",
+                 truncate: bool = False, caption_prompt: str = "caption en", edit_source=("siglip",),
                  task: str | None = None, gen_resize: str = "bicubic", und_resize: str = "bilinear"):
         self.tok = tokenizer
         self.gen_resize, self.und_resize = gen_resize, und_resize
         self.gen_size, self.und_size, self.max_text_len = gen_size, und_size, max_text_len
-        self.truncate, self.caption_prompt, self.edit_source = truncate, caption_prompt, edit_source
+        self.truncate, self.caption_prompt = truncate, caption_prompt
+        self.edit_source = edit_sources(edit_source)
         self.task = task or None
-        self.with_src = edit_source in ("vae", "both")
-        self.edit_und = edit_source in ("siglip", "both")
+        self.with_src = "vae" in self.edit_source
+        self.edit_und = "siglip" in self.edit_source
 
     @classmethod
     def from_config(cls, cfg, tokenizer: Tokenizer, task: str | None = None) -> "ExampleFn":
