@@ -51,7 +51,7 @@ def _check_qa(scene, q, a):
         if m[3] is None:
             assert len(cands) == 1
         return any(f"{S.ROWS[o['row']]} {S.COLS[o['col']]}" == a for o in cands) and (m[3] in (None, a))
-    if m := re.fullmatch(r"is there a (\w+) (\w+)\?", q):
+    if m := re.fullmatch(r"is there an? (\w+) (\w+)\?", q):
         return a == ("yes" if n(color=m[1], shape=m[2]) else "no")
     raise AssertionError(f"unparsed question {q!r}")
 
@@ -149,3 +149,13 @@ def test_geneval_grammar_roundtrip_and_satisfiable():
         "a photo of a square right of a circle"), [sq, ci])
     with pytest.raises(ValueError):
         S.parse_prompt("a photo of a dog")
+
+
+def test_geneval_training_examples():
+    cats = set()
+    for i in range(60):
+        g = S.geneval_example("train", i, size=48)
+        cats.add(g["spec"]["tag"])
+        assert S.parse_prompt(g["prompt"]) == g["spec"] and S.spec_satisfied(g["spec"], g["scene"]["objects"])
+        assert np.array_equal(g["image"], S.render(g["scene"]))
+    assert cats == set(S.GENEVAL_CATEGORIES)

@@ -4,7 +4,8 @@
 
 Writes
     DIR/{train,val,test}/{t2i,caption,vqa,edit}-NNNNN-of-NNNNN.array_record   (records.py schema; each record
-        also carries `meta`, the JSON scene metadata, and for edit `meta2`, the target scene)
+        also carries `meta`, the JSON scene metadata; edit `meta2`, the target scene; t2i records drawn for a
+        GenEval-grammar prompt (--geneval_fraction) `spec`, the prompt's structured spec)
     DIR/tokenizer.model          SentencePiece model (Gemma ids) trained on every text of the dataset
     DIR/geneval_prompts.jsonl    GenEval-style evaluation prompts with their specs
     DIR/metadata.json            sizes, counts, seed, palette, paths
@@ -31,14 +32,20 @@ def png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def split_records(split: str, index: int, size: int, seed: int) -> dict[str, dict]:
-    """The four records (one per task) derived from scene `index` of `split`."""
+def split_records(split: str, index: int, size: int, seed: int, geneval_fraction: float = 0.0) -> dict[str, dict]:
+    """The four records (one per task) derived from scene `index` of `split`. A `geneval_fraction` of the t2i
+    records instead show a scene drawn for a GenEval-grammar prompt (`shapes.geneval_example`)."""
     e = shapes.example(split, index, size=size, seed=seed)
     image = png(e["image"])
     meta = json.dumps(e["scene"])
     rid = f"{split}/{index}"
+    t2i = {"id": rid, "task": "t2i", "image": image, "caption": e["prompt"], "meta": meta}
+    if np.random.default_rng([seed, shapes.split_seed(split, index), 2]).random() < geneval_fraction:
+        g = shapes.geneval_example(split, index, size=size, seed=seed)
+        t2i.update(image=png(g["image"]), caption=g["prompt"], meta=json.dumps(g["scene"]),
+                   spec=json.dumps(g["spec"]))
     return {
-        "t2i": {"id": rid, "task": "t2i", "image": image, "caption": e["prompt"], "meta": meta},
+        "t2i": t2i,
         "caption": {"id": rid, "task": "caption", "image": image, "caption": e["caption"], "meta": meta},
         "vqa": {"id": rid, "task": "vqa", "image": image, "question": e["question"], "answer": e["answer"],
                 "qtype": e["qtype"], "meta": meta},
@@ -50,7 +57,7 @@ def split_records(split: str, index: int, size: int, seed: int) -> dict[str, dic
 
 def build(out: str, size: int = 64, num_train: int = 20000, num_val: int = 500, num_test: int = 500,
           seed: int = 0, num_shards: int = 2, vocab_size: int = 256, num_geneval: int = 50,
-          caption_prompt: str = "caption en") -> dict:
+          caption_prompt: str = "caption en", geneval_fraction: float = 0.25) -> dict:
     """Builds the dataset (see module docstring); returns the metadata dict."""
     counts = {"train": num_train, "val": num_val, "test": num_test}
     texts = set(shapes.vocabulary_texts()) | {caption_prompt}
@@ -62,7 +69,7 @@ def build(out: str, size: int = 64, num_train: int = 20000, num_val: int = 500, 
         writers = {t: records.RecordWriter(os.path.join(out, split, t), num_shards if n >= num_shards else 1)
                    for t in layout.TASKS}
         for i in range(n):
-            for task, rec in split_records(split, i, size, seed).items():
+            for task, rec in split_records(split, i, size, seed, geneval_fraction).items():
                 writers[task].write(rec)
                 for k in ("caption", "question", "answer", "instruction"):
                     if k in rec:
@@ -80,7 +87,7 @@ def build(out: str, size: int = 64, num_train: int = 20000, num_val: int = 500, 
             "tasks": list(layout.TASKS), "splits": paths, "tokenizer": os.path.basename(tok_path),
             "vocab_size": tokenizer.Tokenizer(tok_path).vocab_size, "geneval_prompts": "geneval_prompts.jsonl",
             "palette": shapes.PALETTE, "background": shapes.BACKGROUND, "shapes": list(shapes.SHAPES),
-            "sizes": list(shapes.SIZES), "caption_prompt": caption_prompt}
+            "sizes": list(shapes.SIZES), "caption_prompt": caption_prompt, "geneval_fraction": geneval_fraction}
     with open(os.path.join(out, "metadata.json"), "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
     return meta
@@ -100,12 +107,14 @@ def _define_flags():
     flags.DEFINE_integer("num_shards", 2, "ArrayRecord shards per split and task")
     flags.DEFINE_integer("vocab_size", 256, "SentencePiece vocabulary size (soft limit)")
     flags.DEFINE_integer("num_geneval", 50, "GenEval prompts per category")
+    flags.DEFINE_float("geneval_fraction", 0.25, "fraction of t2i records drawn for GenEval-grammar prompts")
 
 
 def main(argv):
     del argv
     meta = build(FLAGS.out, FLAGS.size, FLAGS.num_train, FLAGS.num_val, FLAGS.num_test, FLAGS.seed,
-                 FLAGS.num_shards, FLAGS.vocab_size, FLAGS.num_geneval)
+                 FLAGS.num_shards, FLAGS.vocab_size, FLAGS.num_geneval,
+                 geneval_fraction=FLAGS.geneval_fraction)
     print(json.dumps({k: meta[k] for k in ("counts", "vocab_size", "size")}))
 
 
