@@ -20,6 +20,7 @@ from typing import Any
 
 from etils import epath
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from unifluid_jax.config import check, check_positive
@@ -165,7 +166,7 @@ def restore_params_from(path: str, abstract_params, step: int | None = None):
     if (path / "checkpoints").exists():
         path = path / "checkpoints"
     with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_handlers={"state": ocp.StandardCheckpointHandler()}) as mgr:
+                               item_handlers={"state": ocp.PyTreeCheckpointHandler()}) as mgr:
         step = mgr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"checkpoint.init_from: no complete checkpoint under {path}")
@@ -174,3 +175,17 @@ def restore_params_from(path: str, abstract_params, step: int | None = None):
         out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=target, restore_args=restore_args, partial_restore=True)))
     return out["state"]["params"], step
+
+
+def load_numpy(workdir: str, step: int | None = None, item: str = "state"):
+    """A saved step's item as a tree of host numpy arrays, on any device count (tools, tests, export)."""
+    path = checkpoint_dir(workdir) if (epath.Path(workdir) / "checkpoints").exists() else epath.Path(workdir)
+    with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_handlers={item: ocp.PyTreeCheckpointHandler()}) as mgr:
+        step = mgr.latest_step() if step is None else step
+        meta = mgr.item_metadata(step)[item]
+        tree = getattr(meta, "tree", meta)
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        out = mgr.restore(step, args=ocp.args.Composite(**{item: ocp.args.PyTreeRestore(
+            restore_args=restore_args)}))
+    return out[item]

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Callable
 
@@ -27,7 +28,7 @@ class Writer:
         self.workdir, self.total_steps = workdir, total_steps
         self._tb = None
         if self.enabled:
-            from tensorboardX import SummaryWriter
+            SummaryWriter = _summary_writer_cls()
             os.makedirs(workdir, exist_ok=True)
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
         self._last_time, self._last_step = None, None
@@ -74,6 +75,7 @@ class Writer:
             vals = [v for _, v in hist]
             out["metrics"][k] = {"last": vals[-1], "last_step": hist[-1][0], "min": min(vals),
                                  "mean_last10": float(np.mean(vals[-10:]))}
+        out["loss_curve"] = self._history.get("train/loss", [])
         out.update(extra or {})
         if self.enabled:
             with open(os.path.join(self.workdir, "metrics_summary.json"), "w") as f:
@@ -90,6 +92,20 @@ class Writer:
     def close(self):
         if self._tb is not None:
             self._tb.close()
+
+
+def _summary_writer_cls():
+    """tensorboardX.SummaryWriter without importing torch (tensorboardX imports it only to accept tensors;
+    that costs seconds per process)."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` fail inside tensorboardX only
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _json_default(x):

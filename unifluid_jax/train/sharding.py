@@ -113,9 +113,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # Config-driven helpers used by the trainer.
 
 
-def mesh_from_config(config) -> Mesh:
+def mesh_from_config(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The mesh described by `config.mesh` ({data, fsdp, tensor}, one may be -1) over all global devices."""
-    return make_mesh(dict(config.mesh))
+    return make_mesh(dict(config.mesh), devices)
 
 
 def rules_of(config) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:

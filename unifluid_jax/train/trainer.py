@@ -137,10 +137,10 @@ def opt_state_shardings(abstract_opt_state, params_abstract, param_shardings, me
 class Trainer:
     """Builds sharded init/step functions for a task; `run()` is the loop."""
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, devices=None):
         self.config, self.workdir = config, workdir
         self.task = task_lib.get(config)
-        self.mesh = sharding.mesh_from_config(config)
+        self.mesh = sharding.mesh_from_config(config, devices)
         self.rules = sharding.rules_of(config)
         self.total_steps = int(config.train.num_steps)
         self.global_batch = int(config.train.batch_size)
@@ -295,7 +295,7 @@ class Trainer:
         ckpt = ckpt_lib.Checkpointer(self.workdir, cfg.checkpoint, cfg.debug)
         data_iter = iter(self.task.make_input(cfg, self.shard_index, self.shard_count))
         state, step = self.initial_state(ckpt, data_iter)
-        writer = metrics_lib.Writer(self.workdir, self.total_steps)
+        writer = self.writer = metrics_lib.Writer(self.workdir, self.total_steps)
         hooks = metrics_lib.Hooks()
         hooks.add_eval(self.task.eval_fn)
         for h in self.task.sample_hooks():
