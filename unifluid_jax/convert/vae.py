@@ -64,10 +64,11 @@ def expected_shapes(module: nn.Module, *example_args) -> dict[Path, jax.ShapeDty
 
 def assign_checked(expected: Mapping[Path, jax.ShapeDtypeStruct], entries: Sequence[Entry],
                    source: Mapping[str, object], what: str, ignore: Callable[[str], bool] = lambda k: False):
-    """Builds the nested param tree from `source` via `entries`, in model order; raises on the first missing
-    or mis-shaped tensor (naming it and both shapes) and on leftover source tensors."""
+    """Builds the nested param tree from `source` via `entries`; raises on the first (in checkpoint order)
+    mis-shaped tensor naming it and both shapes, on a missing tensor, and on leftover source tensors."""
     flat, used = {}, set()
-    for path, key, to_project, to_source in entries:
+    order = {k: i for i, k in enumerate(source)}
+    for path, key, to_project, to_source in sorted(entries, key=lambda e: order.get(e[1], len(order))):
         want = expected[path]
         name = "/".join(path)
         if key not in source:
