@@ -1,0 +1,312 @@
+"""Per-token diffusion head of UniFluid: MAR's DiffLoss (SPEC section 5).
+
+`DiffusionHead` is MAR's SimpleMLPAdaLN (an MLP of adaLN residual blocks conditioned on the transformer
+output z and the timestep), `diffusion_loss` its training loss (MSE on eps + the learned-variance vb term,
+`batch_mul` noise draws per token, averaged over predicted tokens), `sample` its ancestral DDPM sampler
+with classifier-free guidance and temperature, `cfg_schedule` MAR's guidance schedule over the AR steps.
+Schedule math lives in gaussian_diffusion.py.
+
+Axis letters: N tokens (flattened batch x length), C token channels, D condition width, W head width.
+A head apply function has the signature `head_apply_fn(params, x [N, C], t [N] int, z [N, D]) -> [N, 2C]`
+(t is the ORIGINAL 0..T-1 step), e.g. `apply_fn(head)` below.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unifluid_jax.config import check, check_choice, check_positive
+from unifluid_jax.models.gaussian_diffusion import GaussianDiffusion, create_diffusion
+
+# ----------------------------------------------------------------------------------------------------------
+# Config.
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_SCHEDULES = ("cosine", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    depth: int = 3                  # adaLN residual blocks (MAR base: 3)
+    width: int = 1024               # W; UniFluid default min(1024, D), resolved by config_from_dict
+    in_channels: int = 16           # C: token channels (2x2 patches of a 4-channel latent)
+    freq_dim: int = 256             # sinusoidal timestep embedding size
+    num_train_steps: int = 1000     # T
+    num_sampling_steps: int = 100   # respaced steps used by the sampler
+    batch_mul: int = 4              # noise draws per token in the loss
+    schedule: str = "cosine"
+    learn_sigma: bool = True        # head predicts the variance interpolation v (MAR: True)
+    remat: bool = False             # rematerialise each residual block in the backward pass
+    dtype: str = "float32"          # compute dtype of the head (params stay float32)
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    def train_diffusion(self) -> GaussianDiffusion:
+        """MAR's training diffusion: a respacing over all T steps."""
+        return create_diffusion(None, self.schedule, self.num_train_steps, self.learn_sigma)
+
+    def sampling_diffusion(self, num_steps: int | None = None) -> GaussianDiffusion:
+        return create_diffusion(num_steps or self.num_sampling_steps, self.schedule, self.num_train_steps,
+                                self.learn_sigma)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(DiffusionConfig))
+
+
+def _as_dict(section) -> dict:
+    return dict(section.to_dict() if hasattr(section, "to_dict") else section)
+
+
+def config_from_dict(section: Mapping[str, Any], cond_dim: int | None = None) -> DiffusionConfig:
+    """DiffusionConfig from a config section; `width` None/absent means min(1024, cond_dim)."""
+    d = {k: v for k, v in _as_dict(section).items() if k in _FIELDS}
+    if d.get("width") is None:
+        if cond_dim is None:
+            d.pop("width", None)
+        else:
+            d["width"] = min(1024, int(cond_dim))
+    return DiffusionConfig(**d)
+
+
+def validate_config(section: Mapping[str, Any], path: str = "model.diffusion") -> None:
+    d = _as_dict(section)
+    for k in d:
+        check(k in _FIELDS, f"{path}.{k}", f"unknown field; known fields: {', '.join(_FIELDS)}")
+    full = {f.name: getattr(DiffusionConfig(), f.name) for f in dataclasses.fields(DiffusionConfig)}
+    full.update({k: v for k, v in d.items() if v is not None or k != "width"})
+    check_positive(full, path, "depth", "width", "in_channels", "freq_dim", "batch_mul")
+    check(full["freq_dim"] % 2 == 0, f"{path}.freq_dim", f"must be even, got {full['freq_dim']}")
+    check(full["num_train_steps"] >= 2, f"{path}.num_train_steps",
+          f"must be >= 2, got {full['num_train_steps']}")
+    check(2 <= full["num_sampling_steps"] <= full["num_train_steps"], f"{path}.num_sampling_steps",
+          f"must be in [2, num_train_steps={full['num_train_steps']}], got {full['num_sampling_steps']}")
+    check_choice(full["schedule"], f"{path}.schedule", _SCHEDULES)
+    check_choice(full["dtype"], f"{path}.dtype", _DTYPES)
+    for k in ("learn_sigma", "remat"):
+        check(isinstance(full[k], bool), f"{path}.{k}", f"must be True or False, got {full[k]!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Head (MAR SimpleMLPAdaLN). Submodule names follow MAR's state dict (time_embed.mlp.0 -> time_embed/mlp_0).
+
+_xavier = nn.initializers.xavier_uniform()
+_zeros = nn.initializers.zeros_init()
+
+
+def _dense(features: int, names: tuple, dtype, name: str, kernel_init=_xavier) -> nn.Dense:
+    """Linear with zero bias (MAR's _basic_init) and logical axis names (in, out) on the kernel."""
+    return nn.Dense(features, dtype=dtype, name=name,
+                    kernel_init=nn.with_logical_partitioning(kernel_init, names),
+                    bias_init=nn.with_logical_partitioning(_zeros, names[-1:]))
+
+
+def _constrain(x, *names):
+    return nn.with_logical_constraint(x, names)
+
+
+def _modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+    """[cos(t f), sin(t f)] with f_i = exp(-ln(max_period) i / (dim/2)), float32 like MAR. t: [N] -> [N, dim].
+
+    The exponent is formed in float32 as MAR does and exponentiated with correct rounding (a numpy constant):
+    torch's float32 exp agrees with that to the last bit on 126 of 128 entries, XLA's on fewer; one ulp of
+    f times t ~ 1e3 would otherwise shift the phase by ~6e-5.
+    """
+    half = dim // 2
+    expo = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    freqs = jnp.asarray(np.exp(expo.astype(np.float64)).astype(np.float32))
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    width: int
+    freq_dim: int = 256
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, t):
+        init = nn.initializers.normal(0.02)
+        h = timestep_embedding(t, self.freq_dim)
+        h = _dense(self.width, (None, "mlp"), self.dtype, "mlp_0", init)(h)
+        h = _constrain(nn.silu(h), "act_batch", "act_mlp")
+        return _dense(self.width, ("mlp", "embed"), self.dtype, "mlp_2", init)(h)
+
+
+class ResBlock(nn.Module):
+    """x + gate * MLP(LN(x) * (1 + scale) + shift), (shift, scale, gate) = Linear(SiLU(y))."""
+    width: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, y):
+        w = self.width
+        mod = _dense(3 * w, ("embed", None), self.dtype, "adaLN_modulation", _zeros)(nn.silu(y))
+        shift, scale, gate = jnp.split(mod, 3, axis=-1)
+        h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, use_fast_variance=False, name="in_ln",
+                         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                         bias_init=nn.with_logical_partitioning(_zeros, ("norm",)))(x)
+        h = _dense(w, ("embed", "mlp"), self.dtype, "mlp_0")(_modulate(h, shift, scale))
+        h = _constrain(nn.silu(h), "act_batch", "act_mlp")
+        h = _dense(w, ("mlp", "embed"), self.dtype, "mlp_2")(h)
+        return _constrain(x + gate * h, "act_batch", "act_embed")
+
+
+class FinalLayer(nn.Module):
+    width: int
+    out_channels: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, y):
+        mod = _dense(2 * self.width, ("embed", None), self.dtype, "adaLN_modulation", _zeros)(nn.silu(y))
+        shift, scale = jnp.split(mod, 2, axis=-1)
+        h = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=self.dtype,
+                         use_fast_variance=False, name="norm_final")(x)
+        return _dense(self.out_channels, ("embed", None), self.dtype, "linear", _zeros)(
+            _modulate(h, shift, scale))
+
+
+class DiffusionHead(nn.Module):
+    """x [N, C], t [N] (original step index), z [N, D] -> [N, 2C] float32: eps, then v in [-1, 1] range.
+
+    Output is exactly zero at init (zero-initialised adaLN modulations and final linear, like MAR)."""
+    config: DiffusionConfig
+
+    @nn.compact
+    def __call__(self, x, t, z):
+        cfg = self.config
+        dtype = _DTYPES[cfg.dtype]
+        x = _constrain(x, "act_batch", "act_channels")
+        z = _constrain(z, "act_batch", "act_embed")
+        h = _dense(cfg.width, (None, "embed"), dtype, "input_proj")(x)
+        y = TimestepEmbedder(cfg.width, cfg.freq_dim, dtype, name="time_embed")(t)
+        y = y + _dense(cfg.width, ("embed", None), dtype, "cond_embed")(z)
+        y = _constrain(y, "act_batch", "act_embed")
+        block = nn.remat(ResBlock) if cfg.remat else ResBlock
+        for i in range(cfg.depth):
+            h = block(cfg.width, dtype, name=f"res_blocks_{i}")(h, y)
+        out = FinalLayer(cfg.width, cfg.out_channels, dtype, name="final_layer")(h, y)
+        return _constrain(out.astype(jnp.float32), "act_batch", "act_channels")
+
+
+def apply_fn(head: DiffusionHead) -> Callable:
+    """`head_apply_fn(params, x, t, z)` for the loss and sampler; params is the head's 'params' tree."""
+    return lambda params, x, t, z: head.apply({"params": params}, x, t, z)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training loss.
+
+
+def diffusion_loss_terms(head_apply_fn, params, z, target, t, noise, diffusion: GaussianDiffusion):
+    """Per-token {'mse', 'vb', 'loss'} ([N]) for explicit respaced indices t [N] and noise [N, C]."""
+    target = target.astype(jnp.float32)
+    x_t = diffusion.q_sample(target, t, noise)
+    out = head_apply_fn(params, x_t, jnp.asarray(diffusion.timestep_map)[t], z).astype(jnp.float32)
+    return diffusion.training_losses(out, target, x_t, t, noise)
+
+
+def sample_t_noise(rng, num_tokens: int, channels: int, num_timesteps: int):
+    """The (t ~ U{0..T-1} [N], noise [N, C]) `diffusion_loss` draws from `rng` (after tiling)."""
+    k_t, k_noise = jax.random.split(rng)
+    return (jax.random.randint(k_t, (num_tokens,), 0, num_timesteps),
+            jax.random.normal(k_noise, (num_tokens, channels), jnp.float32))
+
+
+def diffusion_loss(head_apply_fn, params, z, target, mask, rng, batch_mul: int = 4, *,
+                   diffusion: GaussianDiffusion | None = None):
+    """MAR's DiffLoss: z [N, D], target [N, C], mask [N] (1 = predicted token) -> (loss, metrics).
+
+    Each (z, target, mask) is tiled `batch_mul` times (like MAR's `.repeat`) with independent t ~ U{0..T-1}
+    and noise; the per-token MSE + vb loss is averaged over the masked tokens. Gradients reach z.
+    `diffusion` defaults to MAR's cosine training diffusion over 1000 steps.
+    """
+    diffusion = diffusion or create_diffusion(None)
+    z = jnp.tile(z, (batch_mul, 1))
+    target = jnp.tile(target, (batch_mul, 1))
+    mask = jnp.tile(mask.astype(jnp.float32), (batch_mul,))
+    t, noise = sample_t_noise(rng, target.shape[0], target.shape[1], diffusion.num_timesteps)
+    terms = diffusion_loss_terms(head_apply_fn, params, z, target, t, noise, diffusion)
+    denom = jnp.maximum(mask.sum(), 1.0)  # MAR divides by mask.sum() (NaN for an all-zero mask)
+    metrics = {k: (v * mask).sum() / denom for k, v in terms.items()}
+    return metrics["loss"], metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling.
+
+
+def cfg_schedule(step_k, num_tokens: int, cfg, kind: str = "linear", num_remaining=None):
+    """Guidance scale for AR step k (0-based) of `num_tokens` (MAR's sample_tokens, after Muse).
+
+    'linear': 1 + (cfg - 1) * (L - m_k) / L with m_k = tokens still to generate after step k, clamped to
+    >= 1 (one token per step unless `num_remaining` gives m_k), so full cfg is never reached.
+    'constant': cfg.
+    """
+    if kind == "constant":
+        return jnp.asarray(cfg, jnp.float32)
+    if kind != "linear":
+        raise ValueError(f"unknown cfg schedule {kind!r}; choose 'linear' or 'constant'")
+    remaining = num_tokens - (step_k + 1) if num_remaining is None else num_remaining
+    remaining = jnp.maximum(jnp.asarray(remaining, jnp.float32), 1.0)
+    return 1.0 + (jnp.asarray(cfg, jnp.float32) - 1.0) * (num_tokens - remaining) / num_tokens
+
+
+def sample(head_apply_fn, params, z_cond, rng, *, num_steps: int = 100, temperature=1.0, cfg_scale=1.0,
+           z_uncond=None, noise=None, in_channels: int = 16, schedule: str = "cosine",
+           num_train_steps: int = 1000, learn_sigma: bool = True):
+    """MAR's p_sample_loop for one token per row: z_cond [B, D] -> x_0 [B, C] (float32).
+
+    Ancestral DDPM over `num_steps` respaced steps, learned variance, no x0 clipping; `temperature` scales
+    only the injected noise; no noise at the last step. With `z_uncond` [B, D], every step runs the head on
+    the [2B] batch (cond; uncond) from the same x and uses eps_u + cfg_scale * (eps_c - eps_u) with the
+    conditional variance (MAR's forward_with_cfg; its shared initial noise = one chain). `noise` [B, C]
+    optionally fixes x_T. Jittable; cfg_scale and temperature may be traced.
+    """
+    diffusion = create_diffusion(num_steps, schedule, num_train_steps, learn_sigma)
+    b = z_cond.shape[0]
+    c = noise.shape[-1] if noise is not None else in_channels
+    x, step_noise = sampling_noise(rng, diffusion.num_timesteps, b, c)
+    if noise is not None:
+        x = noise.astype(jnp.float32)
+    tmap = jnp.asarray(diffusion.timestep_map)
+    guided = z_uncond is not None
+    z = jnp.concatenate([z_cond, z_uncond], axis=0) if guided else z_cond
+
+    def step(x, inputs):
+        j, eps_noise = inputs
+        t = jnp.full((b,), j, jnp.int32)
+        if guided:
+            out = head_apply_fn(params, jnp.concatenate([x, x], 0), jnp.full((2 * b,), tmap[j]), z)
+            out = out.astype(jnp.float32)
+            eps_c, eps_u = out[:b, :c], out[b:, :c]
+            out = jnp.concatenate([eps_u + cfg_scale * (eps_c - eps_u), out[:b, c:]], axis=-1)
+        else:
+            out = head_apply_fn(params, x, tmap[t], z).astype(jnp.float32)
+        return diffusion.p_sample(out, x, t, eps_noise, temperature), None
+
+    js = jnp.arange(diffusion.num_timesteps - 1, -1, -1, dtype=jnp.int32)
+    x, _ = jax.lax.scan(step, x, (js, step_noise))
+    return x
+
+
+def sampling_noise(rng, num_steps: int, batch: int, channels: int):
+    """The (x_T, per-step noise [num_steps, B, C]) `sample` draws from `rng` (step noise indexed by loop
+    position, i.e. the first row is used at respaced step num_steps - 1). For tests and debugging."""
+    k_init, k_steps = jax.random.split(rng)
+    return (jax.random.normal(k_init, (batch, channels), jnp.float32),
+            jax.random.normal(k_steps, (num_steps, batch, channels), jnp.float32))
+
