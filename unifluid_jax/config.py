@@ -55,6 +55,8 @@ def validate_mesh(config, num_devices: int | None) -> None:
         shape = sharding.resolve_mesh_shape(dict(config.mesh), num_devices)
     except ValueError as e:
         raise ConfigError(f"config.{e}") from None
+    check(config.train.batch_size % config.optimizer.grad_accum_steps == 0, "optimizer.grad_accum_steps",
+          f"{config.optimizer.grad_accum_steps} must divide train.batch_size ({config.train.batch_size})")
     batch_shards = shape["data"] * shape["fsdp"]
     check(config.train.batch_size % batch_shards == 0, "train.batch_size",
           f"{config.train.batch_size} must be divisible by mesh data*fsdp = {batch_shards}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import sys
 
 from absl import app, flags
@@ -61,6 +62,19 @@ def main(argv):
         sys.exit(3)
 
 
+def parse_flags(argv):
+    """absl flag parsing, with a one-line message (exit 2) for overrides of keys the config does not have."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:  # ml_collections: unknown key in --config.a.b=V
+        bad = [a for a in argv[1:] if a.startswith("--config.")]
+        suggestion = re.search(r'Did you mean "[^"]+" instead of "[^"]+"\?', str(e))
+        hint = suggestion.group(0) if suggestion else str(e)
+        print(f"ConfigError: unknown config key in {' '.join(bad)} ({hint}). Overrides may only set keys that "
+              "the config file defines (see configs/*.py and unifluid_jax/config.py defaults())", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
