@@ -204,6 +204,8 @@ def _skip(reason: str) -> dict:
 class ExampleFn:
     """Record (serialized bytes or dict) -> example dict, or {'_skip': reason} for a bad record.
 
+    Image fields the task does not use are absent from the example (the batch has zeros there).
+
     Module-level and holding only picklable state, so grain can ship it to worker processes.
     """
 
@@ -287,39 +289,63 @@ class ExampleFn:
             return _skip("missing_field")
         try:
             if tid == layout.T2I:
-                ex["image_gen"], ex["image_und"] = gen(image), np.zeros((u, u, 3), np.float32)
+                ex["image_gen"] = gen(image)
             elif tid in layout.UND_TASKS:
-                ex["image_gen"], ex["image_und"] = np.zeros((g, g, 3), np.float32), und(image)
+                ex["image_und"] = und(image)
             else:  # edit: image = source, image2 = target
                 ex["image_gen"] = gen(image2)
-                ex["image_und"] = und(image) if self.edit_und else np.zeros((u, u, 3), np.float32)
+                if self.edit_und:
+                    ex["image_und"] = und(image)
                 if self.with_src:
                     ex["image_src"] = gen(image)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return _skip("bad_image")
-        if self.with_src and "image_src" not in ex:
-            ex["image_src"] = np.zeros((g, g, 3), np.float32)
-        return ex
+        return ex  # absent images are left out: the batcher fills zeros
 
 
 # ----------------------------------------------------------------------------------------------- batching
 
 class SkipCountingBatch(grain.IterDataset):
-    """Batches valid examples, counting (not yielding) skip markers; see the module docstring."""
+    """Batches valid examples, counting (not yielding) skip markers; see the module docstring.
 
-    def __init__(self, parent: grain.IterDataset, batch_size: int, max_consecutive_skips: int):
+    `spec` gives every per-example field's (shape, dtype); fields an example lacks (absent images) and padding
+    rows stay zero. Under mp_prefetch the batch is written straight into shared memory (grain's
+    SupportsSharedMemoryOutput protocol), so batches cross to the main process without pickling the pixels.
+    """
+
+    def __init__(self, parent: grain.IterDataset, batch_size: int, spec: Mapping[str, tuple],
+                 max_consecutive_skips: int):
         super().__init__(parent)
-        self.batch_size, self.max_consecutive_skips = batch_size, max_consecutive_skips
+        self.batch_size, self.spec, self.max_consecutive_skips = batch_size, dict(spec), max_consecutive_skips
+        self.shared_memory = False
+
+    def enable_shared_memory_output(self) -> None:
+        self.shared_memory = _shm_array_type() is not None
 
     def __iter__(self):
-        return _SkipCountingBatchIterator(self._parent.__iter__(), self.batch_size, self.max_consecutive_skips)
+        return _SkipCountingBatchIterator(self._parent.__iter__(), self.batch_size, self.spec,
+                                          self.max_consecutive_skips, self.shared_memory)
+
+
+def _shm_array_type():
+    try:  # grain-internal; fall back to plain arrays (pickled by grain) if it moves
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+        return SharedMemoryArray
+    except ImportError:
+        return None
 
 
 class _SkipCountingBatchIterator(grain.DatasetIterator):
 
-    def __init__(self, parent, batch_size: int, max_consecutive_skips: int):
+    def __init__(self, parent, batch_size: int, spec, max_consecutive_skips: int, shared_memory: bool):
         super().__init__(parent)
-        self._batch_size, self._max_skips = batch_size, max_consecutive_skips
+        self._batch_size, self._spec, self._max_skips = batch_size, spec, max_consecutive_skips
+        self._shm = _shm_array_type() if shared_memory else None
+
+    def _alloc(self, shape, dtype):
+        if self._shm is not None:
+            return self._shm(shape, dtype=dtype)
+        return np.empty(shape, dtype)
 
     def __next__(self) -> dict:
         examples, skipped, run = [], np.zeros((len(SKIP_REASONS),), np.int32), 0
@@ -340,9 +366,16 @@ class _SkipCountingBatchIterator(grain.DatasetIterator):
                 continue
             run = 0
             examples.append(ex)
-        pad = self._batch_size - len(examples)
-        batch = {k: np.stack([e[k] for e in examples] + [np.zeros_like(examples[0][k])] * pad)
-                 for k in examples[0]}
+        batch = {}
+        for k, (shape, dtype) in self._spec.items():
+            out = self._alloc((self._batch_size,) + tuple(shape), dtype)
+            for i in range(self._batch_size):
+                v = examples[i].get(k) if i < len(examples) else None
+                if v is None:
+                    out[i] = 0
+                else:
+                    out[i] = v
+            batch[k] = out
         batch["num_skipped"] = skipped
         return batch
 
@@ -437,7 +470,8 @@ def make_dataset(cfg, *, shard_index: int | None = None, shard_count: int | None
     ds = example_dataset(cfg, shard_index=shard_index, shard_count=shard_count, tokenizer=tokenizer)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                               prefetch_buffer_size=max(2 * cfg.read_threads, 1)))
-    it = SkipCountingBatch(it, batch_size or cfg.per_host_batch_size, cfg.max_consecutive_skips)
+    spec = {k: (shape[1:], dtype) for k, (shape, dtype) in batch_spec(cfg, 1).items()}
+    it = SkipCountingBatch(it, batch_size or cfg.per_host_batch_size, spec, cfg.max_consecutive_skips)
     if cfg.worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                          per_worker_buffer_size=cfg.worker_buffer_size))
