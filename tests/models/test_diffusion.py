@@ -96,7 +96,8 @@ def test_config():
     dm.validate_config({"depth": 3, "width": None}, "model.diffusion")
     for bad, field in (({"depht": 3}, "depht"), ({"schedule": "cos"}, "schedule"),
                        ({"num_sampling_steps": 1001}, "num_sampling_steps"), ({"depth": 0}, "depth"),
-                       ({"dtype": "fp16"}, "dtype"), ({"learn_sigma": 1}, "learn_sigma")):
+                       ({"dtype": "fp16"}, "dtype"), ({"learn_sigma": 1}, "learn_sigma"),
+                       ({"width": 64.0}, "width"), ({"freq_dim": 255}, "freq_dim")):
         with pytest.raises(ConfigError, match=f"config.model.diffusion.{field}"):
             dm.validate_config(bad, "model.diffusion")
     np.testing.assert_array_equal(cfg.sampling_diffusion().timestep_map, gd.space_timesteps(1000, 100))

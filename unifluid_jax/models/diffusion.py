@@ -78,11 +78,15 @@ def config_from_dict(section: Mapping[str, Any], cond_dim: int | None = None) ->
 
 
 def validate_config(section: Mapping[str, Any], path: str = "model.diffusion") -> None:
+    """Raises ConfigError for unknown fields or values the head, loss or sampler cannot use."""
     d = _as_dict(section)
     for k in d:
         check(k in _FIELDS, f"{path}.{k}", f"unknown field; known fields: {', '.join(_FIELDS)}")
-    full = {f.name: getattr(DiffusionConfig(), f.name) for f in dataclasses.fields(DiffusionConfig)}
-    full.update({k: v for k, v in d.items() if v is not None or k != "width"})
+    full = dataclasses.asdict(DiffusionConfig())
+    full.update({k: v for k, v in d.items() if not (k == "width" and v is None)})  # None: min(1024, D)
+    for k in ("depth", "width", "in_channels", "freq_dim", "batch_mul", "num_train_steps", "num_sampling_steps"):
+        v = full[k]
+        check(isinstance(v, int) and not isinstance(v, bool), f"{path}.{k}", f"must be an int, got {v!r}")
     check_positive(full, path, "depth", "width", "in_channels", "freq_dim", "batch_mul")
     check(full["freq_dim"] % 2 == 0, f"{path}.freq_dim", f"must be even, got {full['freq_dim']}")
     check(full["num_train_steps"] >= 2, f"{path}.num_train_steps",
