@@ -131,21 +131,21 @@ def _assemble(cfg: GemmaConfig, embed, final_norm, blocks: list[dict]) -> dict:
 
 
 def _disassemble(cfg: GemmaConfig, params) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """Inverse of _assemble: (embedding, final norm scale, per-layer flat blocks) as numpy arrays."""
+    """Inverse of _assemble: (embedding, final norm scale, per-layer flat blocks) as writable numpy copies."""
     params = {k: v for k, v in params.items()}
     if "params" in params and "embedder" not in params:
         params = params["params"]
-    embed = np.asarray(params["embedder"]["input_embedding"])
-    final_norm = np.asarray(params["final_norm"]["scale"])
+    embed = np.array(params["embedder"]["input_embedding"])
+    final_norm = np.array(params["final_norm"]["scale"])
     if not cfg.scan_layers:
-        return embed, final_norm, [{k: np.asarray(v) for k, v in _flatten(params[f"layer_{i}"]).items()}
+        return embed, final_norm, [{k: np.array(v) for k, v in _flatten(params[f"layer_{i}"]).items()}
                                    for i in range(cfg.num_layers)]
     kinds = gemma_layers.group_kinds(cfg)
     stacked = {kind: _flatten(params["layers"][kind]) for kind in kinds}
     blocks = []
     for i in range(cfg.num_layers):
         g, j = divmod(i, len(kinds))
-        blocks.append({k: np.asarray(v[g]) for k, v in stacked[kinds[j]].items()})
+        blocks.append({k: np.array(v[g]) for k, v in stacked[kinds[j]].items()})
     return embed, final_norm, blocks
 
 

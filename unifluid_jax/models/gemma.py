@@ -32,7 +32,8 @@ without a window only `layers/global` with G = L). Per block: `pre_attention_nor
 when `post_norms`). With `scan_layers=False` the blocks are `layer_0 .. layer_{L-1}` (official Flax names).
 
 Cache: `{'pos': int32 [B, S], 'layers': {kind: {'k', 'v': [G, B, S, K, H]}}}` when scanned,
-`{'pos', 'layers': {'layer_i': {'k', 'v': [B, S, K, H]}}}` otherwise.
+`{'pos', 'layers': {'layer_i': {'k', 'v': [B, S, K, H]}}}` otherwise; `cache_logical_axes(config)` gives its
+logical PartitionSpecs. 'pos' holds the RoPE position of every written key (used by the sliding window).
 """
 from __future__ import annotations
 
@@ -206,6 +207,14 @@ def init_cache(config: GemmaConfig, batch: int, max_len: int, dtype=None) -> dic
     return {"pos": jnp.zeros((batch, max_len), jnp.int32), "layers": per_layer}
 
 
+def cache_logical_axes(config: GemmaConfig) -> dict:
+    """Logical PartitionSpecs for the `init_cache` tree (shard it with sharding.logical_sharding)."""
+    kv = jax.sharding.PartitionSpec(*((("layers",) if config.scan_layers else ()) + layers.KV_CACHE_AXES))
+    names = layers.group_kinds(config) if config.scan_layers else [f"layer_{i}" for i in range(config.num_layers)]
+    return {"pos": jax.sharding.PartitionSpec("act_batch", "act_length"),
+            "layers": {name: {"k": kv, "v": kv} for name in names}}
+
+
 class Gemma(nn.Module):
     config: GemmaConfig
 
@@ -260,7 +269,10 @@ class Gemma(nn.Module):
                 if cache is not None:
                     new_layer_cache[name] = c
         x = self.final_norm(x)
-        new_cache = None if cache is None else {"pos": k_positions, "layers": new_layer_cache}
+        new_cache = None
+        if cache is not None:  # pin the cache layout so it does not drift between decoding steps
+            new_cache = jax.tree.map(nn.with_logical_constraint, {"pos": k_positions, "layers": new_layer_cache},
+                                     cache_logical_axes(cfg))
         return x, new_cache
 
     def logits(self, hidden):

@@ -14,6 +14,8 @@ import flax.linen as nn
 
 # Large finite negative for masked logits: a fully masked row (padding) softmaxes to a uniform row, not NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Logical axes of one layer's cached keys / values [B, S, K, H].
+KV_CACHE_AXES = ("act_batch", "act_length", "act_kv_heads", None)
 
 
 def _param(module: nn.Module, name: str, init, shape, names, dtype):
@@ -111,8 +113,9 @@ class Attention(nn.Module):
         new_cache = None
         if cache is not None:
             idx = (0, cache_index, 0, 0)
-            new_cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx),
-                         "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)}
+            new_cache = {name: nn.with_logical_constraint(
+                jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype), idx), KV_CACHE_AXES)
+                for name, new in (("k", k), ("v", v))}
             k, v = new_cache["k"].astype(dt), new_cache["v"].astype(dt)
 
         b, t = q.shape[:2]
