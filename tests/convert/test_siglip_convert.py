@@ -82,6 +82,13 @@ def test_mismatching_hf_checkpoint_errors():
         convert.from_hf(_hf_model(dataclasses.replace(CFG, pool="none")).state_dict(), CFG)
 
 
+def test_big_vision_npz_file(tmp_path):
+    params = convert.from_hf(_hf_model(CFG).state_dict(), CFG)
+    flat = {f"params/img/{k}": np.asarray(v) for k, v in convert.flatten_big_vision(params["params"]).items()}
+    np.savez(tmp_path / "ckpt.npz", **flat)
+    _same(convert.load_big_vision(str(tmp_path / "ckpt.npz"), CFG), params)
+
+
 def test_mismatching_big_vision_checkpoint_errors():
     params = convert.from_hf(_hf_model(CFG).state_dict(), CFG)
     flat = convert.flatten_big_vision(params["params"])  # scanned layout, leading layer axis of 2

@@ -219,6 +219,12 @@ def from_big_vision(flat: Mapping[str, object], cfg: siglip_lib.SigLIPConfig) ->
     return _finish(assign_checked(exp, entries, sd, "SigLIP from big_vision", ignore), cfg)
 
 
+def load_big_vision(path: str, cfg: siglip_lib.SigLIPConfig) -> dict:
+    """A big_vision .npz checkpoint (keys like 'params/img/Transformer/...') -> {'params': ...}."""
+    with np.load(path, allow_pickle=False) as f:
+        return from_big_vision({k: f[k] for k in f.files}, cfg)
+
+
 def flatten_big_vision(tree) -> dict:
     """A nested big_vision param tree -> the flat '/'-joined dict `from_big_vision` takes."""
     return {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}

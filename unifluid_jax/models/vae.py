@@ -257,11 +257,11 @@ class Decoder(nn.Module):
 
 
 def _check(x, size, channels, what, hint):
+    """Static (trace-time) check; size None accepts any H, W."""
     shape = tuple(getattr(x, "shape", ()))
-    s = "H" if size is None else size
-    expected = f"[B, {s}, {s}, {channels}] {hint}"
-    ok = len(shape) == 4 and shape[3] == channels and shape[1] == shape[2]
-    ok = ok and (shape[1] == size if size is not None else True)
+    expected = f"[B, {'H' if size is None else size}, {'W' if size is None else size}, {channels}] {hint}"
+    ok = len(shape) == 4 and shape[3] == channels
+    ok = ok and (size is None or shape[1:3] == (size, size))
     if not ok:
         raise ValueError(f"{what}: expected {expected}, got shape {shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -284,8 +284,9 @@ class AutoencoderKL(nn.Module):
     def _check_image(self, x):
         c = self.cfg
         _check(x, c.image_size, c.in_channels, "VAE images", "float in [-1, 1]")
-        if c.image_size is None and x.shape[1] % c.downsample_factor:
-            raise ValueError(f"VAE images: size {x.shape[1]} is not a multiple of {c.downsample_factor}")
+        if c.image_size is None and (x.shape[1] % c.downsample_factor or x.shape[2] % c.downsample_factor):
+            raise ValueError(f"VAE images: size {x.shape[1]}x{x.shape[2]} is not a multiple of the "
+                             f"downsampling factor {c.downsample_factor}")
 
     def encode(self, x):
         """x [B,S,S,in] in [-1,1] -> (mean, logvar) [B,S/f,S/f,latent], logvar clamped to [-30, 20]."""
