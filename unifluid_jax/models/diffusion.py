@@ -184,7 +184,8 @@ class FinalLayer(nn.Module):
 
 
 class DiffusionHead(nn.Module):
-    """x [N, C], t [N] (original step index), z [N, D] -> [N, 2C] float32: eps, then v in [-1, 1] range.
+    """x [N, C], t [N] (original step index), z [N, D] -> [N, 2C] float32: eps, then the variance
+    interpolation v (~[-1, 1]); [N, C] (eps only) without learn_sigma.
 
     Output is exactly zero at init (zero-initialised adaLN modulations and final linear, like MAR)."""
     config: DiffusionConfig
@@ -238,7 +239,8 @@ def diffusion_loss(head_apply_fn, params, z, target, mask, rng, batch_mul: int =
     and noise; the per-token MSE + vb loss is averaged over the masked tokens. Gradients reach z.
     `diffusion` defaults to MAR's cosine training diffusion over 1000 steps.
     """
-    diffusion = diffusion or create_diffusion(None)
+    if diffusion is None:
+        diffusion = create_diffusion(None)
     z = jnp.tile(z, (batch_mul, 1))
     target = jnp.tile(target, (batch_mul, 1))
     mask = jnp.tile(mask.astype(jnp.float32), (batch_mul,))
