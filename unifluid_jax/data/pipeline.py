@@ -27,6 +27,10 @@ Config (`config.data`, see `default_config`):
     edit_source         how an edit's source image enters, same format as model.edit_source: a tuple of
                         'siglip' (und slots) and/or 'vae' (src slots); default ('siglip',). The strings
                         'siglip', 'vae', 'both' are accepted too.
+    latents             '' (decode images, VAE runs in the step), 'sample' or 'mean': read the latent cache
+                        written by tools/extract_latents.py and emit gen_tokens / src_tokens instead of
+                        image_gen / image_src ('sample': mean + std * noise, noise seeded per example index)
+    latent_tokens, latent_dim  n and C of the cached tokens (model n_img and token dim) when latents is set
     max_consecutive_skips  fail loudly if this many records in a row are bad
     probe_records       records read per source up front to find a valid one (else a clear error)
 
@@ -40,6 +44,8 @@ Batch (numpy, leading dim B = per_host_batch_size):
     image_und       [B, U, U, 3] float32 in [-1, 1]: caption/vqa image, edit source if edit_source uses
                                siglip; zeros otherwise
     image_src       [B, G, G, 3] float32: edit source for the VAE path; only if edit_source uses vae
+    gen_tokens      [B, n, C]  float32: replaces image_gen when data.latents is set (zeros for caption/vqa)
+    src_tokens      [B, n, C]  float32: replaces image_src when data.latents is set
     valid           [B]        int32  1 for real examples; 0 only for padding in the last batch of a
                                finite (num_epochs) pass
     num_skipped     [len(SKIP_REASONS)] int32  NOT per example: records skipped while this host built this
@@ -63,7 +69,8 @@ from unifluid_jax.config import check, check_choice, check_positive
 from unifluid_jax.data import layout, records
 from unifluid_jax.data.tokenizer import Tokenizer
 
-SKIP_REASONS = ("bad_record", "bad_task", "missing_field", "empty_text", "too_long", "bad_image")
+SKIP_REASONS = ("bad_record", "bad_task", "missing_field", "empty_text", "too_long", "bad_image", "bad_latent")
+LATENT_MODES = ("", "sample", "mean")
 STAT_KEYS = ("num_skipped",)
 EDIT_SOURCES = ("siglip", "vae")
 SOURCE_KINDS = ("array_record", "tfds")
@@ -95,6 +102,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.gen_resize = "bicubic"
     c.und_resize = "bilinear"
     c.edit_source = ("siglip",)
+    c.latents = ""
+    c.latent_tokens = 0
+    c.latent_dim = 0
     c.max_consecutive_skips = 1000
     c.probe_records = 64
     return c
@@ -143,6 +153,9 @@ def validate_config(section, path: str = "data") -> None:
     check_choice(section.gen_resize, f"{path}.gen_resize", RESAMPLING)
     check_choice(section.und_resize, f"{path}.und_resize", RESAMPLING)
     check(section.max_text_len >= 4, f"{path}.max_text_len", "must be >= 4")
+    check_choice(section.latents, f"{path}.latents", LATENT_MODES)
+    if section.latents:
+        check_positive(section, path, "latent_tokens", "latent_dim")
 
 
 def edit_sources(value) -> tuple[str, ...]:
@@ -167,11 +180,15 @@ def batch_spec(cfg, batch_size: int | None = None) -> dict[str, tuple[tuple[int,
     b = batch_size or cfg.per_host_batch_size
     L, G, U = cfg.max_text_len, cfg.gen_size, cfg.und_size
     spec = {"task": ((b,), np.int32), "valid": ((b,), np.int32),
-            "image_gen": ((b, G, G, 3), np.float32), "image_und": ((b, U, U, 3), np.float32)}
+            "image_und": ((b, U, U, 3), np.float32)}
+    gen_key, gen_shape = "image_gen", (b, G, G, 3)
+    if cfg.latents:
+        gen_key, gen_shape = "gen_tokens", (b, cfg.latent_tokens, cfg.latent_dim)
+    spec[gen_key] = (gen_shape, np.float32)
     for k in ("text_tokens", "text_input_mask", "text_mask_ar", "text_loss_mask"):
         spec[k] = ((b, L), np.int32)
     if "vae" in edit_sources(cfg.edit_source):
-        spec["image_src"] = ((b, G, G, 3), np.float32)
+        spec["src_tokens" if cfg.latents else "image_src"] = (gen_shape, np.float32)
     return spec
 
 
@@ -211,8 +228,10 @@ class ExampleFn:
 
     def __init__(self, tokenizer: Tokenizer, *, gen_size: int, und_size: int, max_text_len: int,
                  truncate: bool = False, caption_prompt: str = "caption en", edit_source=("siglip",),
-                 task: str | None = None, gen_resize: str = "bicubic", und_resize: str = "bilinear"):
+                 task: str | None = None, gen_resize: str = "bicubic", und_resize: str = "bilinear",
+                 latents: str = "", latent_shape: tuple[int, int] = (0, 0)):
         self.tok = tokenizer
+        self.latents, self.latent_shape = latents, tuple(latent_shape)
         self.gen_resize, self.und_resize = gen_resize, und_resize
         self.gen_size, self.und_size, self.max_text_len = gen_size, und_size, max_text_len
         self.truncate, self.caption_prompt = truncate, caption_prompt
@@ -225,7 +244,8 @@ class ExampleFn:
     def from_config(cls, cfg, tokenizer: Tokenizer, task: str | None = None) -> "ExampleFn":
         return cls(tokenizer, gen_size=cfg.gen_size, und_size=cfg.und_size, max_text_len=cfg.max_text_len,
                    truncate=cfg.truncate, caption_prompt=cfg.caption_prompt, edit_source=cfg.edit_source,
-                   task=task, gen_resize=cfg.gen_resize, und_resize=cfg.und_resize)
+                   task=task, gen_resize=cfg.gen_resize, und_resize=cfg.und_resize, latents=cfg.latents,
+                   latent_shape=(cfg.latent_tokens, cfg.latent_dim))
 
     def _texts(self, tid: int, rec: Mapping[str, Any]):
         """(prompt, answer) strings for the task, or a skip reason."""
@@ -250,7 +270,23 @@ class ExampleFn:
             return self.caption_prompt, vals[0]
         return vals[0], vals[1]
 
-    def __call__(self, raw) -> dict:
+    def _latent(self, rec, field: str, rng):
+        """Cached (mean, std) tokens -> [n, C] float32 tokens, or a skip reason."""
+        data = rec.get(field)
+        if not isinstance(data, (bytes, bytearray)):
+            return "missing_field"
+        try:
+            ms = records.from_npy(data)
+        except (ValueError, OSError, EOFError):
+            return "bad_latent"
+        if ms.shape != (2,) + self.latent_shape or not np.issubdtype(ms.dtype, np.floating):
+            return "bad_latent"
+        mean, std = ms[0].astype(np.float32), ms[1].astype(np.float32)
+        if self.latents == "sample":
+            mean += std * rng.standard_normal(mean.shape, dtype=np.float32)
+        return mean
+
+    def __call__(self, raw, rng: np.random.Generator | None = None) -> dict:
         if isinstance(raw, (bytes, bytearray, memoryview)):
             try:
                 rec = records.decode_record(raw)
@@ -284,20 +320,34 @@ class ExampleFn:
         def und(b):
             return load_image(b, u, self.und_resize)
         ex = {"task": np.int32(tid), "valid": np.int32(1), **text}
+        if self.latents and tid in layout.GEN_TASKS:
+            if self.latents == "sample" and rng is None:
+                raise ValueError("ExampleFn: latents='sample' needs an rng (use grain random_map)")
+            for field, key in (("gen_latent", "gen_tokens"), ("src_latent", "src_tokens")):
+                if key == "src_tokens" and not (tid == layout.EDIT and self.with_src):
+                    continue
+                tokens = self._latent(rec, field, rng)
+                if isinstance(tokens, str):
+                    return _skip(tokens)
+                ex[key] = tokens
         image, image2 = rec.get("image"), rec.get("image2")
-        if image is None or (tid == layout.EDIT and image2 is None):
+        decode_gen = not (self.latents and tid in layout.GEN_TASKS)
+        need_image = tid in layout.UND_TASKS or decode_gen or (tid == layout.EDIT and self.edit_und)
+        if (need_image and image is None) or (tid == layout.EDIT and decode_gen and image2 is None):
             return _skip("missing_field")
         try:
             if tid == layout.T2I:
-                ex["image_gen"] = gen(image)
+                if decode_gen:
+                    ex["image_gen"] = gen(image)
             elif tid in layout.UND_TASKS:
                 ex["image_und"] = und(image)
             else:  # edit: image = source, image2 = target
-                ex["image_gen"] = gen(image2)
+                if decode_gen:
+                    ex["image_gen"] = gen(image2)
+                    if self.with_src:
+                        ex["image_src"] = gen(image)
                 if self.edit_und:
                     ex["image_und"] = und(image)
-                if self.with_src:
-                    ex["image_src"] = gen(image)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return _skip("bad_image")
         return ex  # absent images are left out: the batcher fills zeros
@@ -408,7 +458,7 @@ def _probe(source, fn: ExampleFn, n: int, name: str) -> None:
         raise DataError(f"data source {name}: no records")
     reasons: dict[str, int] = {}
     for i in range(min(n, len(source))):
-        ex = fn(source[i])
+        ex = fn(source[i], np.random.default_rng(0))
         if "_skip" not in ex:
             return
         r = SKIP_REASONS[ex["_skip"]]
@@ -441,7 +491,12 @@ def example_dataset(cfg, *, shard_index: int, shard_count: int, tokenizer: Token
             ds = ds.shuffle(seed=_source_seed(cfg.seed, i))
         ds = ds.repeat(cfg.num_epochs)  # None: forever, reshuffled every epoch
         ds = ds[shard_index::shard_count]
-        ds = ds.map(fn if decode else _ParseOnly(s.get("task") or None))
+        if not decode:
+            ds = ds.map(_ParseOnly(s.get("task") or None))
+        elif cfg.latents == "sample":  # per-index rng: deterministic and resumable
+            ds = ds.random_map(fn, seed=_source_seed(cfg.seed + 1, i))
+        else:
+            ds = ds.map(fn)
         datasets.append(ds)
         weights.append(float(s.get("weight", 1.0)))
     if len(datasets) == 1:

@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import os
 import struct
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 MAGIC = b"UFR1"
 STR_FIELDS = ("id", "task", "caption", "question", "answer", "instruction")
@@ -91,6 +94,18 @@ def decode_record(data: bytes) -> dict[str, Any]:
             raise RecordError(f"record: field {k!r} runs past the end (truncated)")
         out[k] = body[off:off + ln]
     return out
+
+
+def to_npy(x: np.ndarray) -> bytes:
+    """Array -> .npy bytes (for array-valued fields such as the latent cache's gen_latent)."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(x), allow_pickle=False)
+    return buf.getvalue()
+
+
+def from_npy(data: bytes) -> np.ndarray:
+    """.npy bytes -> array; never unpickles (object arrays raise ValueError)."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def shard_paths(prefix: str, num_shards: int) -> list[str]:
