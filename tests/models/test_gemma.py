@@ -5,6 +5,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -148,7 +149,8 @@ def _full_and_steps(model, params, tokens, input_mask, mask_ar, splits, cache_dt
 @pytest.mark.parametrize("splits", [[5] + [1] * 11, [5, 5, 1, 5]], ids=["token_by_token", "blocks"])
 def test_cached_decoding_equals_full_forward(splits):
     model = tiny_hf("gemma2")  # window 4 < 16: decoding crosses the window boundary many times
-    ours, params = ours_from_hf(model)
+    # the blocks case also runs the cache through rematerialised scanned layers (train config reused for decode)
+    ours, params = ours_from_hf(model, remat_policy="full" if len(splits) == 4 else "none")
     input_mask = np.ones((2, 16), bool)
     full, stepped, cache = _full_and_steps(ours, params, TOKENS, input_mask, np.ones((2, 16), int), splits)
     np.testing.assert_allclose(stepped, full, atol=1e-5, rtol=0)
@@ -204,7 +206,11 @@ def test_variants_match_spec():
                c.attn_logit_softcap, c.final_logit_softcap, c.sliding_window, c.post_norms)
         assert got[:6] == want[:6] and got[7:] == want[7:] and got[6] == pytest.approx(want[6]), name
         assert c.vocab_size == 256000 and c.rms_eps == 1e-6 and c.rope_base == 10000.0 and c.scan_layers
-    c = gemma.config_from_dict({"variant": "gemma2_tiny", "num_layers": 2, "dtype": "bfloat16"})
+    section = ml_collections.ConfigDict({"variant": "gemma2_tiny", "num_layers": 2, "dtype": "bfloat16",
+                                         "attn_logit_softcap": None})
+    gemma.validate_config(section, "gemma")
+    c = gemma.config_from_dict(section)
+    assert c.attn_logit_softcap is None
     assert (c.num_layers, c.dtype, c.num_groups) == (2, "bfloat16", 1)
     assert gemma.get_config("gemma2_tiny", head_dim=32).query_scale == 32 ** -0.5
 

@@ -50,7 +50,9 @@ class Embedder(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.input_embedding = _param(self, "input_embedding", nn.initializers.normal(stddev=1.0),
+        # std 1/sqrt(D): inputs (x sqrt(D)) have unit scale and tied logits of unit-RMS hidden states are O(1).
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=0)
+        self.input_embedding = _param(self, "input_embedding", init,
                                       (cfg.vocab_size, cfg.width), ("vocab", "embed"), cfg.param_dtype)
 
     def encode(self, tokens):
