@@ -84,7 +84,8 @@ def assign_checked(expected: Mapping[Path, jax.ShapeDtypeStruct], entries: Seque
     extra = [k for k in source if k not in used and not ignore(k)]
     if extra:
         raise ValueError(f"{what}: checkpoint has {len(extra)} tensor(s) the config does not use, first "
-                         f"{extra[0]!r} {to_numpy(source[extra[0]]).shape}; the config is smaller than the checkpoint")
+                         f"{extra[0]!r} {to_numpy(source[extra[0]]).shape}; the checkpoint is bigger than the "
+                         "config (more layers/levels?)")
     return traverse_util.unflatten_dict(flat)
 
 

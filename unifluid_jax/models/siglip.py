@@ -51,11 +51,11 @@ class SigLIPConfig:
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
-        "B/16": dict(patch_size=16, image_size=224, width=768, depth=12, num_heads=12, mlp_dim=3072),
-        "So400m/14": dict(patch_size=14, image_size=224, width=1152, depth=27, num_heads=16, mlp_dim=4304),
-        # CPU test / demo sizes.
-        "tiny/8": dict(patch_size=8, image_size=32, width=32, depth=2, num_heads=2, mlp_dim=64),
-        "tiny/4": dict(patch_size=4, image_size=32, width=64, depth=2, num_heads=4, mlp_dim=128),
+    "B/16": dict(patch_size=16, image_size=224, width=768, depth=12, num_heads=12, mlp_dim=3072),
+    "So400m/14": dict(patch_size=14, image_size=224, width=1152, depth=27, num_heads=16, mlp_dim=4304),
+    # CPU test / demo sizes.
+    "tiny/8": dict(patch_size=8, image_size=32, width=32, depth=2, num_heads=2, mlp_dim=64),
+    "tiny/4": dict(patch_size=4, image_size=32, width=64, depth=2, num_heads=4, mlp_dim=128),
 }
 
 
@@ -83,14 +83,14 @@ def validate_config(section, path: str) -> None:
         check_choice(variant, f"{path}.variant", VARIANTS)
     unknown = sorted(set(d) - _FIELDS)
     check(not unknown, f"{path}.{unknown[0] if unknown else ''}",
-                f"unknown SigLIP field; known fields: {sorted(_FIELDS | {'variant'})}")
+          f"unknown SigLIP field; known fields: {sorted(_FIELDS | {'variant'})}")
     cfg = config_from_dict(section)
     check_positive(dataclasses.asdict(cfg), path, "patch_size", "image_size", "width", "depth", "num_heads",
-                                  "mlp_dim")
+                   "mlp_dim")
     check(cfg.image_size % cfg.patch_size == 0, f"{path}.image_size",
-                f"{cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+          f"{cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
     check(cfg.width % cfg.num_heads == 0, f"{path}.num_heads",
-                f"width {cfg.width} is not divisible by num_heads {cfg.num_heads}")
+          f"width {cfg.width} is not divisible by num_heads {cfg.num_heads}")
     check_choice(cfg.pool, f"{path}.pool", POOLS)
     check_choice(cfg.remat_policy, f"{path}.remat_policy", REMAT_POLICIES)
     for f in ("dtype", "param_dtype"):
@@ -104,7 +104,7 @@ def validate_config(section, path: str) -> None:
 
 def _remat_policy(name: str):
     return {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots,
-                    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+            "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
 
 
 def _constrain(x, names):
@@ -187,7 +187,7 @@ class Transformer(nn.Module):
             block = nn.remat(block, policy=_remat_policy(c.remat_policy), prevent_cse=not c.scan_layers)
         if c.scan_layers:
             x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.depth,
-                                          metadata_params={nn.PARTITION_NAME: "layers"})(c, name="encoderblock")(x, None)
+                           metadata_params={nn.PARTITION_NAME: "layers"})(c, name="encoderblock")(x, None)
         else:
             for i in range(c.depth):
                 x, _ = block(c, name=f"encoderblock_{i}")(x, None)
@@ -202,7 +202,7 @@ class MAPHead(nn.Module):
     def __call__(self, x):
         c = self.cfg
         probe = self.param("probe", _init(nn.initializers.xavier_uniform(), (None, None, "embed")),
-                                              (1, 1, c.width), jnp.dtype(c.param_dtype))
+                           (1, 1, c.width), jnp.dtype(c.param_dtype))
         probe = jnp.tile(probe.astype(x.dtype), (x.shape[0], 1, 1))
         x = Attention(c, name="MultiHeadDotProductAttention_0")(probe, x)
         y = _layer_norm("LayerNorm_0", c)(x)
@@ -231,14 +231,14 @@ class SigLIP(nn.Module):
         dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         x = _constrain(images.astype(dtype), ("act_batch", "act_height", "act_width", None))
         x = nn.Conv(c.width, (c.patch_size, c.patch_size), strides=(c.patch_size, c.patch_size),
-                                padding="VALID", dtype=dtype, param_dtype=pdtype, name="embedding",
-                                # The RGB input dim (3) is not divisible by mesh axes: leave it replicated.
-                                kernel_init=_init(nn.initializers.lecun_normal(), ("conv_h", "conv_w", None, "embed")),
-                                bias_init=_init(nn.initializers.zeros, ("embed",)))(x)
+                    padding="VALID", dtype=dtype, param_dtype=pdtype, name="embedding",
+                    # The RGB input dim (3) is not divisible by mesh axes: leave it replicated.
+                    kernel_init=_init(nn.initializers.lecun_normal(), ("conv_h", "conv_w", None, "embed")),
+                    bias_init=_init(nn.initializers.zeros, ("embed",)))(x)
         b, h, w, d = x.shape
         x = x.reshape(b, h * w, d)  # raster order of the patch grid
         pos = self.param("pos_embedding", _init(nn.initializers.normal(1 / d ** 0.5), (None, "pos", "embed")),
-                                          (1, h * w, d), pdtype)
+                         (1, h * w, d), pdtype)
         x = _constrain(x + pos.astype(dtype), ("act_batch", "act_length", "act_embed"))
         tokens = Transformer(c, name="Transformer")(x)
         pooled = MAPHead(c, name="MAPHead_0")(tokens) if c.pool == "map" else None
