@@ -133,7 +133,10 @@ def _check_values(v: dict, path: str) -> None:
     check(v["rms_eps"] > 0 and v["rope_base"] > 0, f"{path}.rms_eps",
           f"rms_eps and rope_base must be > 0, got {v['rms_eps']!r}, {v['rope_base']!r}")
     for f in ("dtype", "param_dtype"):
-        name = v[f] if isinstance(v[f], str) else getattr(jnp.dtype(v[f]), "name", v[f])
+        try:
+            name = jnp.dtype(v[f]).name
+        except TypeError:
+            name = None
         check(name in DTYPES, f"{path}.{f}", f"unknown dtype {v[f]!r}; choose one of {list(DTYPES)}")
     check(v["remat_policy"] in REMAT_POLICIES, f"{path}.remat_policy",
           f"unknown value {v['remat_policy']!r}; choose one of {list(REMAT_POLICIES)}")
@@ -168,8 +171,7 @@ def config_from_dict(section) -> GemmaConfig:
 
 def validate_config(section, path: str = "gemma") -> None:
     """Raises ConfigError (dotted path + fix) for an invalid Gemma config section."""
-    values = _merged(_as_dict(section), path)
-    _check_values({**values, "query_scale": values.get("query_scale")}, path)
+    _check_values(_merged(_as_dict(section), path), path)
 
 
 def check_tokens(tokens, vocab_size: int) -> None:
