@@ -63,8 +63,11 @@ def test_off_centre_objects_use_generic_templates():
 
 def test_empty_noise_and_small():
     assert detector.detect(np.zeros((64, 64, 3), np.uint8)) == []
-    speckle = (np.random.default_rng(1).random((64, 64, 3)) < 0.01) * 255
+    rng = np.random.default_rng(1)
+    speckle = (rng.random((64, 64, 3)) < 0.01) * 255
     assert detector.detect(speckle.astype(np.uint8)) == []
+    for size in (64, 128):  # colour clusters of pure noise are not objects
+        assert detector.detect(rng.integers(0, 256, (size, size, 3)).astype(np.uint8)) == []
     with pytest.raises(ValueError):
         detector.detect(np.zeros((16, 16, 3), np.uint8))
 

@@ -17,7 +17,10 @@ Pipeline:
    empty vs full corners, and up/down symmetry (triangle vs cross); size comes from the box extent
    relative to the cell side (threshold halfway between the two `shapes.SIZE_FRACTION`s).
    Components whose best IoU is below `min_iou` are not objects.
-4. Grid cell from the box centre.
+4. Isolation: objects are drawn on a plain background, so at least `min_isolation` of the 2-px ring
+   around a component must be background. This rejects the colour clusters of noisy or textured
+   images (on uniform noise they are ~40% background, solid objects under mild noise > 70%).
+5. Grid cell from the box centre.
 
 Limit: at 32 px a small circle and a small square in the centre cell rasterise to the same 4x4 block,
 so they cannot be told apart (the tie goes to circle, first in `shapes.SHAPES`); every other case at
@@ -70,10 +73,13 @@ def segment_colors(image: np.ndarray, max_color_dist: float = 110.0, blend: bool
         nearest = d2.argmin(-1)
         ok = (nearest < len(_COLORS)) & (d2.min(-1) <= max_color_dist ** 2)
         return np.where(ok, nearest, -1)
-    bg = _ALL[-1]
-    dirs = _COLORS - bg  # [C, 3]
-    alpha = np.clip(np.einsum("hwk,ck->hwc", img - bg, dirs) / (dirs ** 2).sum(-1), 0.0, 1.0)
-    resid2 = (((img - bg)[:, :, None, :] - alpha[..., None] * dirs) ** 2).sum(-1)  # [H, W, C]
+    p = img - _ALL[-1]  # relative to the background
+    dirs = _COLORS - _ALL[-1]  # [C, 3]
+    dd = (dirs ** 2).sum(-1)  # [C]
+    pd = np.einsum("hwk,ck->hwc", p, dirs)  # [H, W, C]
+    alpha = np.clip(pd / dd, 0.0, 1.0)
+    # |p - alpha d|^2 expanded, to avoid an [H, W, C, 3] temporary.
+    resid2 = (p ** 2).sum(-1)[..., None] - 2 * alpha * pd + alpha ** 2 * dd
     best = resid2.argmin(-1)
     a = np.take_along_axis(alpha, best[..., None], -1)[..., 0]
     r2 = np.take_along_axis(resid2, best[..., None], -1)[..., 0]
@@ -95,21 +101,27 @@ def _templates(h: int, w: int) -> dict[str, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=64)
-def _anchored_masks(size: int, row: int, col: int) -> tuple[tuple[str, str, np.ndarray], ...]:
-    """Full-image masks of every (shape, size) rendered by the dataset at one cell."""
+def _anchored_masks(size: int, row: int, col: int) -> tuple[tuple[str, str, np.ndarray, int], ...]:
+    """Full-image masks (and their areas) of every (shape, size) rendered by the dataset at one cell."""
     out = []
     for shape in shapes.SHAPES:
         for sz in shapes.SIZES:
             obj = shapes.make_object(shape, "white", sz, row, col, size)
-            out.append((shape, sz, shapes.render({"size": size, "objects": [obj]})[..., 0] > 0))
+            t = shapes.render({"size": size, "objects": [obj]})[..., 0] > 0
+            out.append((shape, sz, t, int(t.sum())))
     return tuple(out)
 
 
-def classify_anchored(mask: np.ndarray, row: int, col: int) -> tuple[str, str, float]:
-    """(shape, size, IoU) of a full-image mask against the dataset rasterisations at (row, col)."""
+def classify_anchored(crop: np.ndarray, box: tuple[int, int, int, int], image_size: int, row: int,
+                      col: int) -> tuple[str, str, float]:
+    """(shape, size, IoU) of a mask (`crop`, at pixel box (x0, y0, x1, y1) of a square image) against
+    the dataset rasterisations at (row, col)."""
+    x0, y0, x1, y1 = box
     best = ("square", "small", -1.0)
-    for shape, sz, t in _anchored_masks(mask.shape[0], row, col):
-        iou = float((mask & t).sum() / max((mask | t).sum(), 1))
+    area = int(crop.sum())
+    for shape, sz, t, t_area in _anchored_masks(image_size, row, col):
+        inter = int((crop & t[y0:y1, x0:x1]).sum())
+        iou = inter / max(area + t_area - inter, 1)
         if iou > best[2]:
             best = (shape, sz, iou)
     return best
@@ -125,35 +137,31 @@ def classify_shape(mask: np.ndarray) -> tuple[str, float]:
     return best, best_iou
 
 
-def _merge_fringes(labels: np.ndarray, colors: list[int], areas: np.ndarray, fringe_ratio: float):
-    """Map each component to itself or to a larger touching component of another colour that it is
-    a thin fringe of (area < fringe_ratio x the neighbour's). Returns parent index per component."""
-    n = len(colors)
+def _merge_fringes(labels: np.ndarray, areas: np.ndarray, fringe_ratio: float) -> np.ndarray:
+    """Parent index per component: itself, or the largest touching component if it is a thin fringe of
+    it (area < fringe_ratio x the neighbour's). Touching components always differ in colour, since
+    same-colour 8-neighbours are one component."""
+    n = len(areas)
+    rank = np.empty(n + 1, np.int64)  # 1..n by increasing area (ties by index); 0 = background
+    rank[0] = 0
+    rank[1 + np.argsort(areas, kind="stable")] = np.arange(1, n + 1)
+    by_rank = np.concatenate([[0], 1 + np.argsort(areas, kind="stable")])  # rank -> label
+    neighbourhood_max = ndimage.maximum_filter(rank[labels], size=3, mode="constant")
+    best = ndimage.maximum(neighbourhood_max, labels, np.arange(1, n + 1)).astype(np.int64)
     parent = np.arange(n)
-    objects = ndimage.find_objects(labels)
-    for i in np.argsort(areas):  # smallest first
-        sl = objects[i]
-        pad = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
-        own = labels[pad] == i + 1
-        ring = ndimage.binary_dilation(own, _EIGHT) & ~own
-        neigh = labels[pad][ring]
-        neigh = neigh[neigh > 0] - 1
-        best = None
-        for j in np.unique(neigh):
-            if colors[j] != colors[i] and areas[i] < fringe_ratio * areas[j]:
-                if best is None or areas[j] > areas[best]:
-                    best = j
-        if best is not None:
-            parent[i] = best
-    # Resolve chains (fringe of a fringe) to the root.
     for i in range(n):
+        j = by_rank[best[i]] - 1  # the largest component touching i (or i itself)
+        if j != i and areas[i] < fringe_ratio * areas[j]:
+            parent[i] = j
+    for i in range(n):  # resolve chains (fringe of a fringe) to the root
         while parent[parent[i]] != parent[i]:
             parent[i] = parent[parent[i]]
     return parent
 
 
-def detect(image: np.ndarray, max_color_dist: float = 110.0, blend: bool = True, min_area_frac: float = 0.04,
-           min_iou: float = 0.5, fringe_ratio: float = 0.5, anchored_iou: float = 0.85) -> list[dict]:
+def detect(image: np.ndarray, max_color_dist: float = 110.0, blend: bool = True, min_area_frac: float = 0.06,
+           min_iou: float = 0.5, fringe_ratio: float = 0.5, anchored_iou: float = 0.85,
+           min_isolation: float = 0.6) -> list[dict]:
     """Detect shapes objects in one [H, W, 3] image (uint8 or float in [-1, 1], H, W >= 32).
 
     Returns [{shape, color, size, row, col, bbox=(x0, y0, x1, y1) end-exclusive}] sorted by (row, col).
@@ -173,24 +181,26 @@ def detect(image: np.ndarray, max_color_dist: float = 110.0, blend: bool = True,
     if not colors:
         return []
     areas = ndimage.sum_labels(np.ones_like(labels), labels, np.arange(1, len(colors) + 1))
-    parent = _merge_fringes(labels, colors, areas, fringe_ratio)
-    roots = parent[labels - 1] + 1
-    roots[labels == 0] = 0
+    parent = _merge_fringes(labels, areas, fringe_ratio)
+    roots = np.where(labels > 0, parent[labels - 1] + 1, 0)
+    root_areas = ndimage.sum_labels(np.ones_like(roots), roots, np.arange(1, len(colors) + 1))
     min_area = min_area_frac * cell_h * cell_w
     out = []
-    for r in np.unique(parent):
-        mask = roots == r + 1
-        if mask.sum() < min_area:
+    for r, sl in enumerate(ndimage.find_objects(roots)):
+        if sl is None or root_areas[r] < min_area:
             continue
-        ys, xs = np.nonzero(mask)
-        x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-        crop = ndimage.binary_fill_holes(mask[y0:y1, x0:x1])
+        y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
+        pad = (slice(max(y0 - 2, 0), y1 + 2), slice(max(x0 - 2, 0), x1 + 2))
+        own = roots[pad] == r + 1
+        ring = ndimage.binary_dilation(own, _EIGHT, iterations=2) & ~own
+        if ring.any() and (seg[pad][ring] < 0).mean() < min_isolation:
+            continue
+        crop = ndimage.binary_fill_holes(roots[sl] == r + 1)
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         row, col = min(int(cy // cell_h), shapes.GRID - 1), min(int(cx // cell_w), shapes.GRID - 1)
         iou = -1.0
         if H == W:
-            mask[y0:y1, x0:x1] = crop
-            shape, size, iou = classify_anchored(mask, row, col)
+            shape, size, iou = classify_anchored(crop, (x0, y0, x1, y1), H, row, col)
         if iou < anchored_iou:
             shape, iou = classify_shape(crop)
             extent = max((x1 - x0) / cell_w, (y1 - y0) / cell_h)
@@ -198,7 +208,7 @@ def detect(image: np.ndarray, max_color_dist: float = 110.0, blend: bool = True,
         if iou < min_iou:
             continue
         out.append({"shape": shape, "color": shapes.COLORS[colors[r]], "size": size, "row": row,
-                    "col": col, "bbox": (x0, y0, x1, y1)})
+                    "col": col, "bbox": (int(x0), int(y0), int(x1), int(y1))})
     return sorted(out, key=lambda o: (o["row"], o["col"], o["bbox"]))
 
 
