@@ -25,6 +25,9 @@ def _png(i):
 
 class ToyShapesCaps(tfds.core.GeneratorBasedBuilder):
     """Nested features like coco_captions: image, image/id, captions: Sequence({text})."""
+    # A one-part module name: tfds then skips resolving the test package as a resource path (which needs
+    # the optional importlib_resources package, not installed here).
+    __module__ = "toy_shapes_caps_builder"
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
