@@ -26,7 +26,7 @@ def main_cmd(config: str, workdir, *overrides: str) -> list[str]:
             *overrides]
 
 
-def run_main(config: str, workdir, *overrides: str, devices: int = 1, timeout: float = 120, **env):
+def run_main(config: str, workdir, *overrides: str, devices: int = 1, timeout: float = 400, **env):
     """Runs to completion; returns CompletedProcess (stdout/stderr as text)."""
     return subprocess.run(main_cmd(config, workdir, *overrides), cwd=ROOT, env=env_for(devices, **env),
                           capture_output=True, text=True, timeout=timeout)

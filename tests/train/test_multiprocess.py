@@ -2,9 +2,11 @@
 import json
 import re
 import socket
+import subprocess
 
 import pytest
 
+from unifluid_jax.train import trainer as trainer_lib
 from tests.train import runner
 
 MESH = ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.train.log_every=1")
@@ -16,18 +18,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(workdir, steps: int, tmp_path, tag: str):
-    port = _free_port()
-    procs, logs = [], []
+def _start_two(workdir, steps: int, tmp_path, tag: str, port: int):
+    procs = []
     for pid in range(2):
         log = open(tmp_path / f"{tag}.p{pid}.log", "w+")
-        logs.append(log)
-        procs.append(runner.start_main(
+        procs.append((log, runner.start_main(
             f"configs/lm_tiny.py:steps={steps}", workdir, *MESH, devices=4, log=log,
-            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=pid))
-    rcs = [p.wait(timeout=150) for p in procs]
-    texts = []
-    for log in logs:
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=pid)))
+    return procs
+
+
+def _wait_two(procs):
+    rcs, texts = [], []
+    for log, p in procs:
+        try:
+            rcs.append(p.wait(timeout=400))
+        except subprocess.TimeoutExpired:
+            for _, q in procs:
+                q.kill()
+            raise
         log.seek(0)
         texts.append(log.read())
         log.close()
@@ -41,17 +50,24 @@ def _curve(workdir):
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_and_resume(tmp_path):
-    one = runner.start_main("configs/lm_tiny.py:steps=6", tmp_path / "one", *MESH, devices=8)
     two = tmp_path / "two"
-    _two_processes(two, 5, tmp_path, "first")
+    port = _free_port()
+    # Reference while the two processes start: one process with the same 8-device mesh (this pytest process).
+    cfg = runner.load_config("configs/lm_tiny.py", "steps=6")
+    cfg.mesh = dict(data=2, fsdp=2, tensor=2)
+    cfg.train.log_every = 1
+    procs = _start_two(two, 5, tmp_path, "first", port)
+    ref = trainer_lib.Trainer(cfg, str(tmp_path / "one"))
+    ref.run()
+    c1 = dict(ref.writer.history("train/loss"))
+    _wait_two(procs)
     first = _curve(two)
-    assert one.wait(timeout=150) == 0
     data = sorted(p.name for p in (two / "checkpoints" / "5" / "data").iterdir())
     assert "process_0-of-2.json" in data and "process_1-of-2.json" in data
-    texts = _two_processes(two, 6, tmp_path, "resume")  # both processes restore step 5, then train step 6
+    texts = _wait_two(_start_two(two, 6, tmp_path, "resume", _free_port()))  # both restore step 5, train 6
     for t in texts:
         assert re.search(r"resumed from step 5\b", t), t[-2000:]
-    c1, resumed = _curve(tmp_path / "one"), _curve(two)
+    resumed = _curve(two)
     assert sorted(first) == [1, 2, 3, 4, 5] and sorted(resumed) == [6] and sorted(c1) == [1, 2, 3, 4, 5, 6]
     for s, v in {**first, **resumed}.items():
         assert abs(v - c1[s]) <= 1e-5 * abs(c1[s]), (s, v, c1[s])

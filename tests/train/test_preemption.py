@@ -19,7 +19,7 @@ def test_sigterm_saves_current_step_and_exits_zero(tmp_path):
     _wait_for_lines(fps, 4, p)
     p.send_signal(signal.SIGTERM)
     try:
-        rc = p.wait(timeout=60)
+        rc = p.wait(timeout=300)
     except subprocess.TimeoutExpired:
         p.kill()
         raise

@@ -19,6 +19,7 @@ def _losses(t):
     return np.array([v for _, v in t.writer.history("train/loss")])
 
 
+@pytest.mark.slow
 def test_mesh_2x2x2_matches_one_device(tmp_path):
     cfg = runner.load_config("configs/lm_tiny.py", "steps=5")
     cfg.train.log_every = 1
