@@ -74,3 +74,10 @@ def test_caption_exact_match():
     preds = caps[:5] + caps[6:] + caps[5:6]
     assert cider.caption_exact_match(preds, caps) == pytest.approx(sum(p == c for p, c in zip(preds, caps)) / 10)
     assert cider.caption_exact_match(["x"], [["y", "X"]]) == 1.0
+
+
+def test_caption_metrics():
+    caps = [shapes.caption(shapes.scene_for_index("test", i)) for i in range(10)]
+    out = cider.caption_metrics(caps, caps)
+    assert out["exact_match"] == 1.0
+    assert out["cider"] == pytest.approx(cider.cider_d([[c] for c in caps], caps)[0])

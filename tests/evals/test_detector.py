@@ -61,6 +61,15 @@ def test_off_centre_objects_use_generic_templates():
         assert detector.strip_bbox(detector.detect(img)) == detector.strip_bbox(scene["objects"]), i
 
 
+def test_non_square_images():
+    """A 96 px render squashed to 64 x 96 (H x W): generic templates, cells from each axis."""
+    rows = ((np.arange(64) + 0.5) * 96 / 64).astype(int)
+    for i in range(20):
+        scene = shapes.scene_for_index("train", i, 96)
+        det = detector.detect(shapes.render(scene)[rows])
+        assert detector.strip_bbox(det) == detector.strip_bbox(scene["objects"]), i
+
+
 def test_empty_noise_and_small():
     assert detector.detect(np.zeros((64, 64, 3), np.uint8)) == []
     rng = np.random.default_rng(1)

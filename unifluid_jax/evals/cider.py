@@ -129,3 +129,11 @@ def caption_exact_match(predictions: Sequence[str], references: Sequence[str | S
         rs = [r] if isinstance(r, str) else list(r)
         hits.append(_normalize_caption(p) in {_normalize_caption(x) for x in rs})
     return float(np.mean(hits)) if hits else float("nan")
+
+
+def caption_metrics(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
+                    tokenizer: str | None = "simple") -> dict:
+    """{'cider': corpus CIDEr-D, 'exact_match'} for parallel lists of predictions and references."""
+    refs = [[r] if isinstance(r, str) else list(r) for r in references]
+    score, _ = cider_d(refs, list(predictions), tokenizer=tokenizer)
+    return {"cider": score, "exact_match": caption_exact_match(predictions, refs)}

@@ -75,8 +75,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 
 
 def _batches(images, batch_size: int) -> Iterable[np.ndarray]:
-    if isinstance(images, np.ndarray) or (hasattr(images, "shape") and len(images.shape) == 4):
-        for i in range(0, len(images), batch_size):
+    if hasattr(images, "shape"):  # one array (numpy or jax) of all images / features
+        for i in range(0, images.shape[0], batch_size):
             yield np.asarray(images[i:i + batch_size])
     else:  # an iterable of batches (e.g. a generator from an inference loop)
         for b in images:
