@@ -122,7 +122,7 @@ def test_looped_layout_and_remat_match(reference):
     tokens, pooled = _apply(looped)(lp, x)
     np.testing.assert_allclose(tokens, tokens_ref, atol=1e-4, rtol=0)
     # Remat changes memory, not values: same loss and grads as without it.
-    remat = dataclasses.replace(CFG, remat_policy="dots_no_batch")
+    remat = dataclasses.replace(CFG, remat_policy="dots_with_no_batch_dims_saveable")
 
     def loss(cfg, p):
         t, pooled = siglip.SigLIP(cfg).apply(p, x)
@@ -188,7 +188,7 @@ def test_bad_inputs(reference):
 
 def test_validate_config():
     siglip.validate_config({"variant": "So400m/14"}, "siglip")
-    siglip.validate_config({"variant": "tiny/8", "pool": "map", "remat_policy": "dots"}, "siglip")
+    siglip.validate_config({"variant": "tiny/8", "pool": "map", "remat_policy": "checkpoint_dots"}, "siglip")
     for section, match in [({"variant": "H/14"}, "siglip.variant"),
                            ({"variant": "B/16", "pool": "gap"}, "siglip.pool"),
                            ({"variant": "B/16", "num_heads": 7}, "siglip.num_heads"),

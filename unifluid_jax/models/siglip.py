@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from unifluid_jax.config import check, check_choice, check_positive
+# Same remat vocabulary as the LLM: 'none', 'full' (save nothing) or a jax.checkpoint_policies name.
+from unifluid_jax.models.gemma import REMAT_POLICIES
 
 POOLS = ("none", "map")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +78,8 @@ def config_from_dict(section) -> SigLIPConfig:
 
 
 def validate_config(section, path: str) -> None:
+    if not section:  # None / {}: no SigLIP (t2i-only model)
+        return
     d = dict(section)
     variant = d.pop("variant", None)
     if variant is not None:
@@ -103,8 +106,7 @@ def validate_config(section, path: str) -> None:
 
 
 def _remat_policy(name: str):
-    return {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots,
-            "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+    return None if name == "full" else getattr(jax.checkpoint_policies, name)
 
 
 def _constrain(x, names):
