@@ -12,11 +12,14 @@ A task is constructed with the full config and provides:
   make_input(config, process_index, process_count) -> iterator
                                               yields dicts of numpy arrays with this process's rows of each
                                               global batch (shard `process_index` of `process_count` equal
-                                              blocks); supports get_state() / set_state() (JSON dict or bytes)
+                                              blocks); supports get_state() / set_state() (JSON dict or bytes);
+                                              optional metrics() -> {name: scalar} (e.g. data/skipped_*) is
+                                              logged at every log step, optional close() at the end
   batch_logical_axes: {field: ('act_batch', None, ...)}
 optionally:
   validate_config(config)                     (classmethod/staticmethod) extra checks, before any compile
   tokens_per_batch(batch) -> int              for tokens/s (default: elements of the first int field)
+  host_metrics() -> {name: scalar}            host-side scalars logged every log step (e.g. data/skipped_*)
   eval_fn(params, step, writer) -> dict       called every config.train.eval_every steps on all processes
   sample_hooks() -> [callable(params, step, writer)]  every config.train.sample_every steps
 """
@@ -82,6 +85,9 @@ class Task(abc.ABC):
             if getattr(v, "dtype", None) is not None and v.dtype.kind in "iu":
                 return int(v.size)
         return 0
+
+    def host_metrics(self) -> dict:
+        return {}
 
     def eval_fn(self, params, step: int, writer) -> dict | None:
         return None

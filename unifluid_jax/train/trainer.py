@@ -313,6 +313,8 @@ class Trainer:
                     log.warning("preemption signal: saving step %d and exiting", step)
                     self._save(ckpt, step, state, data_iter, config_dict, force=True)
                     ckpt.close()
+                    writer.summary({"final_step": step, "preempted": True})
+                    writer.close()
                     return {"preempted": True, "step": step}
                 local = next(data_iter)
                 if fp_file is not None:
@@ -330,6 +332,9 @@ class Trainer:
                     self._stop_if_bad(state, ckpt)
                     tokens = self.task.tokens_per_batch(local) * self.shard_count
                     out.update(writer.progress(step, out, self.global_batch, tokens))
+                    if hasattr(data_iter, "metrics"):  # e.g. skipped bad records (this host's counts)
+                        out.update(data_iter.metrics())
+                    out.update(self.task.host_metrics())
                     writer.scalars(step, out)
                 if ckpt.should_save(step) and step != self.total_steps:
                     self._save(ckpt, step, state, data_iter, config_dict)
@@ -343,6 +348,8 @@ class Trainer:
             ckpt.close()
         finally:
             preempt.restore()
+            if hasattr(data_iter, "close"):
+                data_iter.close()
             if fp_file is not None:
                 fp_file.close()
         elapsed = time.perf_counter() - t_start
