@@ -1,0 +1,320 @@
+"""Text-to-image generation and editing with the unified model (SPEC 5, 6, 7, 9), KV-cached and jitted.
+
+The sequence is the training layout (data/layout.py): [und | src | text | BOI | img_0 .. img_{n-1}].
+Prefill runs the prompt segment (und/src/text slots + BOI) into a KV cache sized to the full sequence;
+then for k = 0 .. n-1 the hidden state at the current slot (BOI for k = 0, image slot k-1 after) is the
+condition z of token p(k): the diffusion head samples it (ancestral DDPM, `num_steps` respaced steps,
+temperature on the injected noise), it is embedded with pos2d[p(k)] + next_pos2d[p(k+1)] and written to
+the cache at its slot. The tokens are scattered back to raster order and VAE-decoded.
+
+Classifier-free guidance runs the conditional and unconditional branches as 2B rows of the SAME transformer
+call (rows [0, B) conditional, [B, 2B) the empty prompt [BOS] with everything else equal, e.g. an edit's
+source image); both branches are fed the same sampled token (one chain). `use_cache=False` is the reference
+path: every step recomputes the whole sequence without a cache (for tests and the benchmark); given the same
+rng it draws the same noise as the cached path.
+
+    from unifluid_jax.inference import generate
+    batch = generate.prompt_batch(config, ["a red circle", "two blue squares"], tokenizer=tok)
+    images, tokens = generate.generate_images(model, params, batch, jax.random.key(0), cfg_scale=3.0)
+
+Shapes: B prompts, R = B or 2B transformer rows, S full sequence, n image tokens, C token channels, D width.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unifluid_jax.data import layout
+from unifluid_jax.models import diffusion as diffusion_lib
+from unifluid_jax.models import gemma as gemma_lib
+from unifluid_jax.models import masks
+from unifluid_jax.models import order as order_lib
+from unifluid_jax.models.unifluid import UniFluid, UniFluidConfig
+
+ORDERS = ("raster", "random")
+CFG_SCHEDULES = ("linear", "constant")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompt batches (shared with decode.py).
+
+
+def _token_ids(item, tokenizer, what: str, i: int) -> list[int]:
+    if isinstance(item, str):
+        if tokenizer is None:
+            raise ValueError(f"{what} {i} is a string but no tokenizer was given; pass tokenizer= or token ids")
+        return tokenizer.encode(item)
+    try:
+        return [int(t) for t in item]
+    except TypeError as e:
+        raise ValueError(f"{what} {i} must be a string or a sequence of token ids, got {type(item).__name__}") from e
+
+
+def text_batch(task, prompts: Sequence, max_text_len: int, *, tokenizer=None, sep_ids: Sequence[int] = (),
+               vocab_size: int | None = None, what: str = "prompt") -> dict[str, np.ndarray]:
+    """Lays out the text segment of each prompt (no answer): text_tokens / text_input_mask / text_mask_ar [B, L]
+    and task [B]. Items are strings (with `tokenizer`) or id sequences (without BOS). Raises ValueError naming
+    the offending item for an empty list, a prompt that does not fit in max_text_len, or ids outside the vocab."""
+    if prompts is None or len(prompts) == 0:
+        raise ValueError(f"no {what}s given: pass a non-empty list of {what}s (strings or token-id lists)")
+    t = layout.task_id(task)
+    if sep_ids == () and tokenizer is not None and t in layout.UND_TASKS:
+        sep_ids = tokenizer.sep_ids
+    rows = []
+    for i, item in enumerate(prompts):
+        ids = _token_ids(item, tokenizer, what, i)
+        if vocab_size is not None and any(not 0 <= j < vocab_size for j in ids):
+            raise ValueError(f"{what} {i} has token ids outside the vocabulary [0, {vocab_size})")
+        try:
+            rows.append(layout.text_layout(t, ids, None, max_text_len, sep_ids=sep_ids))
+        except layout.TextTooLongError as e:
+            shown = repr(item) if isinstance(item, str) else f"{len(ids)} token ids"
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise ValueError(f"{what} {i} ({shown}) is too long: {len(ids)} tokens plus "
+                             f"{1 + len(sep_ids)} for BOS{'/SEP' if sep_ids else ''} do not fit in "
+                             f"max_text_len={max_text_len}; shorten it or raise model.max_text_len") from e
+    batch = {k: np.stack([r[k] for r in rows]) for k in ("text_tokens", "text_input_mask", "text_mask_ar")}
+    batch["task"] = np.full((len(rows),), t, np.int32)
+    return batch
+
+
+def prompt_batch(config: UniFluidConfig, prompts: Sequence, *, tokenizer=None, source_und=None,
+                 source_gen=None) -> dict[str, np.ndarray]:
+    """A generation batch: t2i prompts, or edit instructions when a source image is given.
+
+    source_und: [B, U, U, 3] in [-1, 1], the edit source for SigLIP (needed if 'siglip' in edit_source).
+    source_gen: [B, G, G, 3] in [-1, 1], the edit source for the VAE (needed if 'vae' in edit_source).
+    """
+    edit = source_und is not None or source_gen is not None
+    batch = text_batch("edit" if edit else "t2i", prompts, config.max_text_len, tokenizer=tokenizer,
+                       vocab_size=config.llm.vocab_size)
+    b = batch["task"].shape[0]
+    if edit:
+        for name, img, need in (("source_und", source_und, "siglip"), ("source_gen", source_gen, "vae")):
+            if need in config.edit_source and img is None:
+                raise ValueError(f"editing with model.edit_source={config.edit_source} needs {name}")
+            if img is not None and len(img) != b:
+                raise ValueError(f"{name} has {len(img)} images for {b} prompts")
+        if source_und is not None:
+            batch["image_und"] = np.asarray(source_und, np.float32)
+        if source_gen is not None:
+            batch["image_src"] = np.asarray(source_gen, np.float32)
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pieces (functional applications of the model; reused by decode.py and the benchmark).
+
+
+def apply(model: UniFluid, params, method, *args):
+    return model.apply(params, *args, method=method)
+
+
+def source_embeddings(model: UniFluid, params, batch) -> jax.Array:
+    """The embedded [und | src] slots [B, n_und + n_src, D] (possibly zero-width); absent inputs embed as
+    zeros (their slots are masked). The edit source through the VAE uses the posterior mean."""
+    c = model.config
+    b = batch["text_tokens"].shape[0]
+    dt = c.llm.dtype
+    parts = [jnp.zeros((b, 0, c.width), dt)]
+    if c.n_und:
+        parts.append(apply(model, params, UniFluid.und_embeddings, batch["image_und"]).astype(dt)
+                     if "image_und" in batch else jnp.zeros((b, c.n_und, c.width), dt))
+    if c.n_src:
+        src = batch.get("src_tokens")
+        if src is None and "image_src" in batch:
+            src = apply(model, params, UniFluid.image_tokens, batch["image_src"])
+        parts.append(jnp.zeros((b, c.n_src, c.width), dt) if src is None
+                     else apply(model, params, UniFluid.src_embeddings, src).astype(dt))
+    return jnp.concatenate(parts, axis=1)
+
+
+def empty_prompt(text_tokens, text_input_mask, text_mask_ar):
+    """The CFG unconditional text: [BOS] then padding, same shapes."""
+    first = jnp.arange(text_tokens.shape[1]) == 0
+    return (jnp.where(first, layout.BOS_ID, layout.PAD_ID).astype(text_tokens.dtype) + 0 * text_tokens,
+            (first + 0 * text_input_mask).astype(text_input_mask.dtype),
+            jnp.zeros_like(text_mask_ar))
+
+
+def guided_rows(batch, guided: bool):
+    """(text batch for the R transformer rows, task [R]): the batch, then its empty-prompt copy if guided."""
+    keys = ("text_tokens", "text_input_mask", "text_mask_ar")
+    rows = {k: jnp.asarray(batch[k]) for k in keys}
+    task = jnp.asarray(batch["task"])
+    if guided:
+        empty = empty_prompt(*(rows[k] for k in keys))
+        rows = {k: jnp.concatenate([rows[k], e], 0) for k, e in zip(keys, empty)}
+        task = jnp.concatenate([task, task], 0)
+    return rows, task
+
+
+def sequence_inputs(config: UniFluidConfig, task, text_input_mask, text_mask_ar):
+    """(positions [R, S], full attention mask [R, S, S]) of the generation sequence."""
+    c = config
+    input_mask, mask_ar = layout.sequence_masks(task, text_input_mask, text_mask_ar, c.n_und, c.n_src, c.n_img,
+                                                xp=jnp, edit_und="siglip" in c.edit_source)
+    return masks.positions_from_mask(input_mask), masks.make_attention_mask(input_mask, mask_ar)
+
+
+def _tile(x, reps: int):
+    return x if reps == 1 else jnp.concatenate([x] * reps, axis=0)
+
+
+def head_sampler(config: UniFluidConfig, params, *, num_steps: int, cfg_kind: str, guided: bool):
+    """`sample(k, z [R, D], rng, cfg_scale, temperature) -> token [B, C]` for AR step k (traced)."""
+    c = config
+    head_fn = diffusion_lib.apply_fn(diffusion_lib.DiffusionHead(c.diffusion))
+    head_params = params["params"]["head"]
+
+    def sample(k, z, rng, cfg_scale, temperature):
+        b = z.shape[0] // (2 if guided else 1)
+        z_u = z[b:] if guided else None
+        scale = diffusion_lib.cfg_schedule(k, c.n_img, cfg_scale, cfg_kind) if guided else 1.0
+        return diffusion_lib.sample(head_fn, head_params, z[:b], rng, num_steps=num_steps, temperature=temperature,
+                                    cfg_scale=scale, z_uncond=z_u, in_channels=c.token_dim,
+                                    schedule=c.diffusion.schedule, num_train_steps=c.diffusion.num_train_steps,
+                                    learn_sigma=c.diffusion.learn_sigma)
+    return sample
+
+
+def condition_states(model: UniFluid, params, batch, tokens_in_order, orders) -> jax.Array:
+    """Teacher-forced conditions: one uncached forward of the whole sequence with the given tokens (generation
+    order) -> z [B, n, D], the hidden states at BOI .. img_{n-2} (what generation conditions step k on)."""
+    c = model.config
+    off = c.offsets
+    rows, task = guided_rows(batch, False)
+    positions, full_mask = sequence_inputs(c, task, rows["text_input_mask"], rows["text_mask_ar"])
+    x_src = source_embeddings(model, params, batch)
+    x_text = apply(model, params, UniFluid.embed_text, rows["text_tokens"]).astype(x_src.dtype)
+    raster = order_lib.scatter_tokens(tokens_in_order, orders)
+    x_gen = apply(model, params, UniFluid.gen_embeddings, raster, orders).astype(x_src.dtype)
+    h, _ = apply(model, params, UniFluid.__call__, jnp.concatenate([x_src, x_text, x_gen], 1), positions, full_mask)
+    return h[:, off["gen"]:off["gen"] + c.n_img]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The generation loop.
+
+
+def _generate(model: UniFluid, params, batch, rng, cfg_scale, temperature, random_order, *, num_steps: int,
+              cfg_kind: str, guided: bool, use_cache: bool, return_cond: bool):
+    c = model.config
+    off, n, s = c.offsets, c.n_img, c.seq_len
+    img = off["img"]
+    b = batch["text_tokens"].shape[0]
+    reps = 2 if guided else 1
+    k_order, k_sample = jax.random.split(rng)
+    orders = order_lib.sample_orders(k_order, b, n, random_order)  # random_order: traced 0. or 1.
+    next_pos = jnp.roll(orders, -1, axis=1)
+    has_next = jnp.broadcast_to(jnp.arange(n) < n - 1, orders.shape)
+
+    rows, task = guided_rows(batch, guided)
+    positions, full_mask = sequence_inputs(c, task, rows["text_input_mask"], rows["text_mask_ar"])
+    # und / src embeddings are shared by both branches: compute for B rows, tile; text differs per branch.
+    x_src = _tile(source_embeddings(model, params, batch), reps)
+    dt = x_src.dtype
+    x_text = apply(model, params, UniFluid.embed_text, rows["text_tokens"]).astype(dt)
+    boi = _tile(apply(model, params, UniFluid.boi_embedding, orders[:, 0]), reps).astype(dt)
+    x_prompt = jnp.concatenate([x_src, x_text, boi], axis=1)  # [R, img, D]
+
+    sample = head_sampler(c, params, num_steps=num_steps, cfg_kind=cfg_kind, guided=guided)
+
+    def embed_step(tok, k):  # token p(k) [B, C] -> its input embedding [R, 1, D]
+        col = lambda a: jax.lax.dynamic_slice_in_dim(a, k, 1, axis=1)
+        e = apply(model, params, UniFluid.image_embeddings, tok[:, None], col(orders), col(next_pos), col(has_next))
+        return _tile(e.astype(dt), reps)
+
+    toks = jnp.zeros((b, n, c.token_dim), jnp.float32)
+    conds = jnp.zeros((reps * b, n if return_cond else 0, c.width), dt)
+
+    if use_cache:
+        cache = gemma_lib.init_cache(c.llm, reps * b, s)
+        h, cache = apply(model, params, UniFluid.__call__, x_prompt, positions[:, :img], full_mask[:, :img],
+                         cache, 0)
+
+        def body(k, carry):
+            cache, z, toks, conds = carry
+            if return_cond:
+                conds = jax.lax.dynamic_update_slice_in_dim(conds, z[:, None], k, axis=1)
+            tok = sample(k, z, jax.random.fold_in(k_sample, k), cfg_scale, temperature)
+            toks = jax.lax.dynamic_update_slice_in_dim(toks, tok[:, None], k, axis=1)
+            # Writes slot img + k (the last write, at k = n - 1, only fills the cache's final slot).
+            h, cache = apply(model, params, UniFluid.__call__, embed_step(tok, k),
+                             jax.lax.dynamic_slice_in_dim(positions, img + k, 1, axis=1),
+                             masks.cache_step_mask(full_mask, img + k, 1), cache, img + k)
+            return cache, h[:, 0], toks, conds
+
+        _, _, toks, conds = jax.lax.fori_loop(0, n, body, (cache, h[:, -1], toks, conds))
+    else:
+        def body(k, carry):
+            toks, conds = carry
+            e = apply(model, params, UniFluid.image_embeddings, toks, orders, next_pos, has_next)
+            x = jnp.concatenate([x_prompt, _tile(e.astype(dt), reps)], axis=1)
+            h, _ = apply(model, params, UniFluid.__call__, x, positions, full_mask)
+            z = jax.lax.dynamic_index_in_dim(h, img - 1 + k, axis=1, keepdims=False)
+            if return_cond:
+                conds = jax.lax.dynamic_update_slice_in_dim(conds, z[:, None], k, axis=1)
+            tok = sample(k, z, jax.random.fold_in(k_sample, k), cfg_scale, temperature)
+            return jax.lax.dynamic_update_slice_in_dim(toks, tok[:, None], k, axis=1), conds
+
+        toks, conds = jax.lax.fori_loop(0, n, body, (toks, conds))
+
+    raster = order_lib.scatter_tokens(toks, orders)
+    images = apply(model, params, UniFluid.decode_tokens, raster)
+    aux = {"order": orders, "tokens_in_order": toks}
+    if return_cond:
+        aux["cond"] = conds
+    return images, raster, aux
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(config: UniFluidConfig, **static):
+    model = UniFluid(config)
+    return jax.jit(functools.partial(_generate, model, **static))
+
+
+def generate_images(model: UniFluid, params, batch: dict[str, Any], rng, *, num_steps: int = 100,
+                    temperature: float = 1.0, cfg_scale: float = 1.0, cfg_schedule: str = "linear",
+                    order: str = "raster", use_cache: bool = True, guided: bool | None = None,
+                    return_aux: bool = False):
+    """Generates one image per prompt row of `batch` (from `prompt_batch`). Returns (images [B, G, G, 3] in
+    about [-1, 1], tokens [B, n, C] in raster order), plus an aux dict if `return_aux` (order [B, n],
+    tokens_in_order, cond [R, n, D]: the condition z of every step for every transformer row).
+
+    cfg_scale / temperature may change without recompiling. `guided` (default: cfg_scale != 1) runs the
+    unconditional branch; `order` is 'raster' or 'random' (a per-example permutation drawn from `rng`).
+    Same rng -> same images; the cached and uncached paths draw identical noise.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"unknown order {order!r}; choose one of {ORDERS}")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"unknown cfg_schedule {cfg_schedule!r}; choose one of {CFG_SCHEDULES}")
+    if not 2 <= num_steps <= model.config.diffusion.num_train_steps:
+        raise ValueError(f"num_steps must be in [2, {model.config.diffusion.num_train_steps}], got {num_steps}")
+    if batch is None or "text_tokens" not in batch or len(batch["text_tokens"]) == 0:
+        raise ValueError("generate_images: empty batch; build it with prompt_batch(config, prompts)")
+    bad = np.setdiff1d(np.asarray(batch["task"]), np.asarray(layout.GEN_TASKS))
+    if bad.size:
+        raise ValueError(f"generate_images: batch has task ids {bad.tolist()}; only t2i / edit generate images")
+    if guided is None:
+        guided = float(cfg_scale) != 1.0
+    fn = _compiled(model.config, num_steps=int(num_steps), cfg_kind=cfg_schedule,
+                   guided=bool(guided), use_cache=bool(use_cache), return_cond=bool(return_aux))
+    batch = {k: v for k, v in batch.items()
+             if k in ("text_tokens", "text_input_mask", "text_mask_ar", "task", "image_und", "image_src",
+                      "src_tokens")}
+    images, tokens, aux = fn(nn.unbox(params), batch, rng, jnp.float32(cfg_scale), jnp.float32(temperature),
+                             jnp.float32(order == "random"))
+    return (images, tokens, aux) if return_aux else (images, tokens)
+
+
+def to_uint8(images) -> np.ndarray:
+    """[-1, 1] float images -> uint8 [0, 255]."""
+    return np.asarray(jnp.clip(jnp.round((jnp.asarray(images) + 1.0) * 127.5), 0, 255)).astype(np.uint8)
