@@ -1,0 +1,72 @@
+"""Shared pieces of the experiment configs: data sections and the UniFluid model presets."""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from unifluid_jax import config as config_lib
+from unifluid_jax.data import layout, pipeline
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """'a=1,b=x' -> {'a': '1', 'b': 'x'} (the `:ARG` part of --config=configs/X.py:ARG)."""
+    out = {}
+    for kv in filter(None, (arg or "").split(",")):
+        k, _, v = kv.partition("=")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def shapes_data(dataset_dir: str, *, split: str = "train", weights: dict[str, float] | None = None,
+                gen_size: int = 64, und_size: int = 32, max_text_len: int = 24) -> ml_collections.ConfigDict:
+    """A pipeline section over a dataset written by tools/build_shapes.py (one source per task)."""
+    weights = weights or {t: 1.0 for t in layout.TASKS}
+    d = pipeline.default_config()
+    d.sources = [{"path": os.path.join(dataset_dir, split, t), "kind": "array_record", "weight": float(w),
+                  "task": ""} for t, w in weights.items() if w > 0]
+    d.tokenizer = os.path.join(dataset_dir, "tokenizer.model")
+    d.gen_size, d.und_size, d.max_text_len = gen_size, und_size, max_text_len
+    d.read_threads = 2
+    return d
+
+
+# Model sections. `0p7b` is OPEN in the paper (it names only the size): a Gemma-2-architecture stack of about
+# 0.7B parameters (0.39B of them the 256k-vocab embedding).
+LLM = {
+    "tiny": dict(variant="gemma2_tiny", num_layers=2, width=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                 mlp_dim=128, vocab_size=256, sliding_window=8),
+    "demo": dict(variant="gemma2_tiny", num_layers=4, width=128, num_heads=4, num_kv_heads=2, head_dim=32,
+                 mlp_dim=512, vocab_size=256, sliding_window=64),
+    "0p7b": dict(variant="gemma2_2b", num_layers=14, width=1536, num_heads=12, num_kv_heads=4, head_dim=128,
+                 mlp_dim=4608, dtype="bfloat16", remat_policy="nothing_saveable"),
+    "2b": dict(variant="gemma2_2b", dtype="bfloat16", remat_policy="nothing_saveable"),
+}
+SIGLIP = {"tiny": dict(variant="tiny/8"), "demo": dict(variant="tiny/8"),
+          "0p7b": dict(variant="So400m/14", dtype="bfloat16"), "2b": dict(variant="So400m/14", dtype="bfloat16")}
+VAE = {"tiny": dict(preset="tiny_f8"), "demo": dict(preset="tiny_f8"),
+       "0p7b": dict(preset="sd_kl_f8"), "2b": dict(preset="sd_kl_f8")}
+DIFFUSION = {"tiny": dict(depth=2, width=64), "demo": dict(depth=3, width=256),
+             "0p7b": dict(depth=3, width=1024), "2b": dict(depth=3, width=1024)}
+TEXT_LEN = {"tiny": 24, "demo": 24, "0p7b": 64, "2b": 64}
+
+
+def unifluid_model(size: str) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        llm=LLM[size], vae=VAE[size], siglip=SIGLIP[size], diffusion=DIFFUSION[size], patch_size=2,
+        max_text_len=TEXT_LEN[size], text_weight=0.005, text_dropout=0.1, edit_source=("siglip",),
+        order_mode="annealed", random_until=0.3, raster_from=0.6, train_siglip=False, sample_latents=True))
+
+
+def unifluid_config(size: str, dataset_dir: str, *, gen_size: int, und_size: int):
+    """The full UniFluid training config (paper recipe, SPEC 8) for a model size on a shapes-style dataset."""
+    c = config_lib.defaults()
+    c.task = "unifluid"
+    c.model = unifluid_model(size)
+    c.data = shapes_data(dataset_dir, weights={"t2i": 1.0, "caption": 0.5, "vqa": 0.5},
+                         gen_size=gen_size, und_size=und_size, max_text_len=TEXT_LEN[size])
+    # Frozen VAE (and SigLIP unless model.train_siglip); no weight decay on the diffusion head (MAR).
+    c.optimizer.frozen_regexes = ("^vae/", "^siglip/")
+    c.optimizer.no_decay_regexes = ("^head/",)
+    c.checkpoint.init_subtrees = [dict(workdir="", src="", dst="vae")]
+    return c

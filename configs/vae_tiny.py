@@ -1,0 +1,30 @@
+"""Tiny KL-VAE (64 px -> 8x8x4) on the embedded shapes dataset; the UniFluid demo freezes it.
+
+    python -m unifluid_jax.main --config=configs/vae_tiny.py:data=/tmp/shapes --workdir=/tmp/vae_tiny
+Writes vae_stats.json (held-out PSNR before/after, latent scaling factor) at every evaluation.
+"""
+import ml_collections
+
+from configs import common
+from unifluid_jax import config as config_lib
+
+
+def get_config(arg=None):
+    a = common.parse_arg(arg)
+    data_dir = a.get("data", "workdir/shapes")
+    c = config_lib.defaults()
+    c.task = "vae"
+    c.vae = dict(preset=a.get("preset", "tiny_f8"))
+    c.data = common.shapes_data(data_dir, weights={"t2i": 1.0}, gen_size=64)
+    c.vae_train = ml_collections.ConfigDict(dict(
+        beta=1e-6, eval_batches=8,
+        eval_sources=[{"path": data_dir + "/val/t2i", "kind": "array_record", "weight": 1.0, "task": ""}]))
+    c.train.num_steps = int(a.get("steps", 600))
+    c.train.batch_size = int(a.get("batch", 16))
+    c.train.log_every = 50
+    c.train.eval_every = c.train.num_steps
+    c.optimizer.lr = 2e-3
+    c.optimizer.warmup_steps = 50
+    c.optimizer.weight_decay = 0.0
+    c.checkpoint.every_steps = 200
+    return c
