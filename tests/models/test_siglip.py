@@ -164,7 +164,7 @@ def test_sharded_matches_single_device(reference, mesh8):
     m = siglip.SigLIP(CFG)
     ref = jax.jit(m.apply)(params, x)
     shardings = sharding.param_shardings(mesh8, jax.eval_shape(m.init, jax.random.key(0), x))
-    with mesh8, nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    with jax.set_mesh(mesh8), nn.logical_axis_rules(sharding.DEFAULT_RULES):
         sharded = jax.device_put(params, shardings)
         q = sharded["params"]["Transformer"]["encoderblock"]["MultiHeadDotProductAttention_0"]["query"]["kernel"]
         assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)

@@ -156,7 +156,7 @@ def test_sharded_matches_single_device(reference, mesh8):
     ref = jax.jit(m.apply)(params, x)
     boxed = jax.eval_shape(m.init, jax.random.key(0), x)
     shardings = sharding.param_shardings(mesh8, boxed)
-    with mesh8, nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    with jax.set_mesh(mesh8), nn.logical_axis_rules(sharding.DEFAULT_RULES):
         sharded = jax.device_put(params, shardings)
         assert any(not p.sharding.is_fully_replicated for p in jax.tree.leaves(sharded))
         out = jax.jit(m.apply)(sharded, x)

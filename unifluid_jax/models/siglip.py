@@ -117,13 +117,35 @@ def _init(init, names):
     return nn.with_logical_partitioning(init, names)
 
 
+class _DenseGeneral(nn.Module):
+    """nn.DenseGeneral's params (kernel (in..., out...), bias (out...)), created at their full rank.
+
+    flax's DenseGeneral initialises a flattened 2-D kernel and reshapes it, which applies the kernel's
+    logical-axis constraint to the 2-D value and fails under a mesh; this creates the real shape directly.
+    Xavier fans are the products of the in / out dims, as for the flattened kernel."""
+    features: tuple[int, ...]
+    num_in: int
+    kernel_axes: tuple
+    cfg: SigLIPConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c, n_in, n_out = self.cfg, self.num_in, len(self.features)
+        shape = tuple(x.shape[-n_in:]) + tuple(self.features)
+        init = nn.initializers.xavier_uniform(in_axis=tuple(range(n_in)),
+                                              out_axis=tuple(range(n_in, n_in + n_out)))
+        pdtype, dtype = jnp.dtype(c.param_dtype), jnp.dtype(c.dtype)
+        kernel = self.param("kernel", _init(init, self.kernel_axes), shape, pdtype)
+        bias = self.param("bias", _init(nn.initializers.zeros, self.kernel_axes[n_in:]), self.features, pdtype)
+        y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=n_in)
+        return y + bias.astype(dtype)
+
+
 def _dense(features, kernel_axes, name, cfg, axis=-1):
     """DenseGeneral with logical names on kernel (in..., out...) and bias (out...)."""
-    n_out = len(features) if isinstance(features, tuple) else 1
-    return nn.DenseGeneral(
-        features, axis=axis, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name,
-        kernel_init=_init(nn.initializers.xavier_uniform(), kernel_axes),
-        bias_init=_init(nn.initializers.zeros, kernel_axes[-n_out:]))
+    features = tuple(features) if isinstance(features, tuple) else (features,)
+    num_in = len(axis) if isinstance(axis, tuple) else 1
+    return _DenseGeneral(features, num_in, tuple(kernel_axes), cfg, name=name)
 
 
 def _layer_norm(name, cfg):

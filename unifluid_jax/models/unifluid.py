@@ -302,10 +302,10 @@ class UniFluid(nn.Module):
         for name in ("caption", "vqa"):
             w = weights * (task == layout.TASK_IDS[name])[:, None]
             denom = jnp.maximum(w.sum(), 1.0)
-            metrics[f"{name}/text_loss"] = (nll * w).sum() / denom
-            metrics[f"{name}/token_acc"] = (correct * w).sum() / denom
+            metrics[f"{name}_text_loss"] = (nll * w).sum() / denom
+            metrics[f"{name}_token_acc"] = (correct * w).sum() / denom
         for i, name in enumerate(layout.TASKS):
-            metrics[f"frac/{name}"] = jnp.mean((task == i).astype(jnp.float32))
+            metrics[f"frac_{name}"] = jnp.mean((task == i).astype(jnp.float32))
         return loss, metrics
 
 
