@@ -311,7 +311,8 @@ class Trainer:
             while step < self.total_steps:
                 if preempt.reached(step):
                     log.warning("preemption signal: saving step %d and exiting", step)
-                    self._save(ckpt, step, state, data_iter, config_dict, force=True)
+                    if last_saved != step:
+                        self._save(ckpt, step, state, data_iter, config_dict, force=True)
                     ckpt.close()
                     writer.summary({"final_step": step, "preempted": True})
                     writer.close()
