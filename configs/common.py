@@ -19,7 +19,7 @@ def parse_arg(arg: str | None) -> dict[str, str]:
 
 
 def shapes_data(dataset_dir: str, *, split: str = "train", weights: dict[str, float] | None = None,
-                gen_size: int = 64, und_size: int = 32, max_text_len: int = 24) -> ml_collections.ConfigDict:
+                gen_size: int = 64, und_size: int = 32, max_text_len: int = 48) -> ml_collections.ConfigDict:
     """A pipeline section over a dataset written by tools/build_shapes.py (one source per task)."""
     weights = weights or {t: 1.0 for t in layout.TASKS}
     d = pipeline.default_config()
@@ -48,7 +48,7 @@ VAE = {"tiny": dict(preset="tiny_f8"), "demo": dict(preset="tiny_f8"),
        "0p7b": dict(preset="sd_kl_f8"), "2b": dict(preset="sd_kl_f8")}
 DIFFUSION = {"tiny": dict(depth=2, width=64), "demo": dict(depth=3, width=256),
              "0p7b": dict(depth=3, width=1024), "2b": dict(depth=3, width=1024)}
-TEXT_LEN = {"tiny": 24, "demo": 24, "0p7b": 64, "2b": 64}
+TEXT_LEN = {"tiny": 48, "demo": 48, "0p7b": 64, "2b": 64}
 
 
 def unifluid_model(size: str) -> ml_collections.ConfigDict:

@@ -114,7 +114,7 @@ class VAETask(task_lib.Task):
         images = self.heldout_images()
         out = self.evaluate(params, images)
         init_rng = jax.random.split(jax.random.PRNGKey(int(self.config.seed)))[0]  # the trainer's init key
-        out["psnr_init"] = self.evaluate(self.init_params(init_rng), images)["psnr"]
+        out["psnr_init"] = self.evaluate(jax.jit(self.init_params)(init_rng), images)["psnr"]
         out["step"] = int(step)
         writer.scalars(step, {f"eval/vae_{k}": v for k, v in out.items() if k != "step"})
         if jax.process_index() == 0 and getattr(writer, "workdir", None):
