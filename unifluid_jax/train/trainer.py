@@ -82,6 +82,15 @@ def maybe_initialize_distributed(section) -> None:
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def sync_processes(name: str, timeout_s: int = 3600) -> None:
+    """A barrier over the coordination service (no collective): lets every process finish compiling
+    before the first cross-process collective, whose transport setup (gloo on CPU) times out after 30 s."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the public multihost_utils barrier is itself a collective
+    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
 class Preemption:
     """SIGTERM sets a flag (single process); multi-process runs ask jax's preemption sync point, which all
     processes reach at the same step, so every host saves the same step."""
@@ -284,6 +293,20 @@ class Trainer:
             if "ema_params" in state:
                 state["ema_params"] = jax.tree.map(jnp.copy, params)
             log.info("initialised params from %s step %d", init_from, src_step)
+        for sub in self.config.checkpoint.get("init_subtrees", ()):
+            # Another run's params into one subtree, e.g. a trained VAE into UniFluid's frozen `vae`.
+            if not sub["workdir"]:
+                continue
+            dst = [k for k in sub["dst"].split("/") if k]
+            target = functools.reduce(lambda t, k: t[k], dst, self.abstract_state["params"])
+            src = [k for k in sub.get("src", "").split("/") if k]
+            if src:
+                target = functools.reduce(lambda t, k: {k: t}, reversed(src), target)
+            params, src_step = ckpt_lib.restore_params_from(sub["workdir"], target)
+            params = functools.reduce(lambda t, k: t[k], src, params)
+            holder = functools.reduce(lambda t, k: t[k], dst[:-1], state["params"])
+            holder[dst[-1]] = params
+            log.info("initialised params/%s from %s step %d", "/".join(dst), sub["workdir"], src_step)
         return state, 0
 
     def run(self) -> dict:
@@ -307,6 +330,7 @@ class Trainer:
         dbg = cfg.debug
         log_every = int(cfg.train.log_every)
         t_start, start_step = time.perf_counter(), step
+        step_fn = None
         try:
             while step < self.total_steps:
                 if preempt.reached(step):
@@ -322,7 +346,10 @@ class Trainer:
                     fp_file.write(f"{step + 1} {fingerprint(local)}\n")
                     fp_file.flush()
                 batch = sharding.make_global_batch(local, self.batch_shardings, self.global_batch)
-                state, out = self.train_step(state, batch)
+                if step_fn is None:
+                    step_fn = self.train_step.lower(state, batch).compile()
+                    sync_processes("unifluid_train_step_compiled")
+                state, out = step_fn(state, batch)
                 step += 1
                 if dbg.step_sleep_secs:
                     time.sleep(float(dbg.step_sleep_secs))
