@@ -16,6 +16,7 @@ def get_config(arg: str | None = None):
     c.train.num_steps = 300
     c.train.batch_size = 16
     c.train.log_every = 25
+    c.train.eval_every = 100
     c.optimizer.lr = 3e-3
     c.optimizer.warmup_steps = 20
     c.optimizer.weight_decay = 0.0

@@ -25,8 +25,11 @@ def test_mesh_2x2x2_matches_one_device(tmp_path):
     cfg.train.log_every = 1
     cfg.checkpoint.every_steps = 0
     cfg.mesh = dict(data=2, fsdp=2, tensor=2)
+    cfg.train.eval_every = 5
     t8 = _run(cfg, tmp_path / "m8")
     assert not t8.param_shardings["embedder"]["input_embedding"].is_fully_replicated
+    assert [s for s, _ in t8.writer.history("eval/accuracy")] == [5]  # the task's eval hook ran
+    cfg.train.eval_every = 0
     cfg.mesh = dict(data=1, fsdp=1, tensor=1)
     t1 = _run(cfg, tmp_path / "m1", devices=jax.devices()[:1])
     l8, l1 = _losses(t8), _losses(t1)

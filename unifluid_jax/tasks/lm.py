@@ -97,6 +97,19 @@ class LMTask(task_lib.Task):
         acc = ((logits.argmax(-1) == target) * mask).sum() / denom
         return loss, {"lm_loss": loss, "accuracy": acc}
 
+    def eval_fn(self, params, step, writer):
+        """Teacher-forced loss / token accuracy on a fixed held-out batch (examples from the far end of the
+        index space, never reached in training). Same on every process (the batch is global)."""
+        if not hasattr(self, "_eval"):
+            src = ToyDigits(self.config.data.seed, self.config.data.min_len, self.config.data.max_len,
+                            self.config.data.ops)
+            n = int(self.config.data.get("eval_examples", 256))
+            exs = [src[(1 << 40) + i] for i in range(n)]
+            self._eval_batch = {k: np.stack([e[k] for e in exs]) for k in exs[0]}
+            self._eval = jax.jit(lambda p, b: self.loss_fn(p, b, None, 0)[1])
+        out = jax.device_get(self._eval(params, self._eval_batch))
+        return {k: float(v) for k, v in out.items()}
+
     def make_input(self, config, process_index: int, process_count: int):
         ds = make_dataset(config.data, config.train.batch_size, process_index, process_count)
         opts = grain.ReadOptions(num_threads=int(config.data.get("num_threads", 0)),
