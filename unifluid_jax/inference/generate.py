@@ -136,11 +136,10 @@ def source_embeddings(model: UniFluid, params, batch) -> jax.Array:
 
 
 def empty_prompt(text_tokens, text_input_mask, text_mask_ar):
-    """The CFG unconditional text: [BOS] then padding, same shapes."""
-    first = jnp.arange(text_tokens.shape[1]) == 0
-    return (jnp.where(first, layout.BOS_ID, layout.PAD_ID).astype(text_tokens.dtype) + 0 * text_tokens,
-            (first + 0 * text_input_mask).astype(text_input_mask.dtype),
-            jnp.zeros_like(text_mask_ar))
+    """The CFG unconditional text: [BOS] then padding, same shapes and dtypes."""
+    first = jnp.broadcast_to(jnp.arange(text_tokens.shape[1]) == 0, text_tokens.shape)
+    return (jnp.where(first, layout.BOS_ID, layout.PAD_ID).astype(text_tokens.dtype),
+            first.astype(text_input_mask.dtype), jnp.zeros_like(text_mask_ar))
 
 
 def guided_rows(batch, guided: bool):
@@ -266,18 +265,22 @@ def _generate(model: UniFluid, params, batch, rng, cfg_scale, temperature, rando
 
         toks, conds = jax.lax.fori_loop(0, n, body, (toks, conds))
 
-    raster = order_lib.scatter_tokens(toks, orders)
-    images = apply(model, params, UniFluid.decode_tokens, raster)
     aux = {"order": orders, "tokens_in_order": toks}
     if return_cond:
         aux["cond"] = conds
-    return images, raster, aux
+    return order_lib.scatter_tokens(toks, orders), aux
 
 
 @functools.lru_cache(maxsize=32)
 def _compiled(config: UniFluidConfig, **static):
+    return jax.jit(functools.partial(_generate, UniFluid(config), **static))
+
+
+@functools.lru_cache(maxsize=8)
+def _decoder(config: UniFluidConfig):
+    """VAE decode as its own program: shared by every generation variant (compiled once per shape)."""
     model = UniFluid(config)
-    return jax.jit(functools.partial(_generate, model, **static))
+    return jax.jit(lambda params, tokens: apply(model, params, UniFluid.decode_tokens, tokens))
 
 
 def generate_images(model: UniFluid, params, batch: dict[str, Any], rng, *, num_steps: int = 100,
@@ -303,6 +306,12 @@ def generate_images(model: UniFluid, params, batch: dict[str, Any], rng, *, num_
     bad = np.setdiff1d(np.asarray(batch["task"]), np.asarray(layout.GEN_TASKS))
     if bad.size:
         raise ValueError(f"generate_images: batch has task ids {bad.tolist()}; only t2i / edit generate images")
+    if (np.asarray(batch["task"]) == layout.EDIT).any():
+        c = model.config
+        if "siglip" in c.edit_source and c.n_und and "image_und" not in batch:
+            raise ValueError("generate_images: edit rows need batch['image_und'] (the source image for SigLIP)")
+        if c.n_src and not ("image_src" in batch or "src_tokens" in batch):
+            raise ValueError("generate_images: edit rows need batch['image_src'] or ['src_tokens'] (VAE source)")
     if guided is None:
         guided = float(cfg_scale) != 1.0
     fn = _compiled(model.config, num_steps=int(num_steps), cfg_kind=cfg_schedule,
@@ -310,8 +319,10 @@ def generate_images(model: UniFluid, params, batch: dict[str, Any], rng, *, num_
     batch = {k: v for k, v in batch.items()
              if k in ("text_tokens", "text_input_mask", "text_mask_ar", "task", "image_und", "image_src",
                       "src_tokens")}
-    images, tokens, aux = fn(nn.unbox(params), batch, rng, jnp.float32(cfg_scale), jnp.float32(temperature),
-                             jnp.float32(order == "random"))
+    params = nn.unbox(params)
+    tokens, aux = fn(params, batch, rng, jnp.float32(cfg_scale), jnp.float32(temperature),
+                     jnp.float32(order == "random"))
+    images = _decoder(model.config)(params, tokens)
     return (images, tokens, aux) if return_aux else (images, tokens)
 
 
