@@ -99,7 +99,9 @@ def defaults():
     c = ml_collections.ConfigDict()
     c.task = ""
     c.seed = 0
-    c.train = dict(num_steps=1000, batch_size=8, log_every=50, eval_every=0, sample_every=0)
+    # compilation_cache_dir: persistent XLA cache (e.g. under the workdir) so restarts skip compiling.
+    c.train = dict(num_steps=1000, batch_size=8, log_every=50, eval_every=0, sample_every=0,
+                   compilation_cache_dir="")
     # SPEC 8 / MAR recipe: AdamW (0.9, 0.95), lr 1e-4, linear warmup then constant, clip 3.0, wd 0.02,
     # no decay on biases, norms and 1-D params (plus `no_decay_regexes`, e.g. the diffusion head).
     c.optimizer = dict(lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.02, grad_clip=3.0,

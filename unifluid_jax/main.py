@@ -42,6 +42,10 @@ def run(config, workdir: str, mode: str = "train"):
         raise config_lib.ConfigError("--workdir is required (checkpoints and logs go there)")
     trainer.maybe_initialize_distributed(config.distributed)
     config_lib.validate(config)
+    cache = config.train.get("compilation_cache_dir", "")
+    if cache:
+        import jax
+        jax.config.update("jax_compilation_cache_dir", cache)
     return fn(config, workdir)
 
 

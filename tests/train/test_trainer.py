@@ -103,3 +103,11 @@ def test_unsharded_large_params_raise(tmp_path):
     cfg.sharding.check_large_params = "raise"
     with pytest.raises(ValueError, match=r"fully replicated.*dense/w"):
         trainer_lib.Trainer(cfg, str(tmp_path))
+
+
+def test_retention_keeps_latest_and_every_n(tmp_path):
+    cfg = linear_config(num_steps=7)
+    cfg.checkpoint.update(every_steps=1, max_to_keep=2, keep_every=3)
+    _run(cfg, tmp_path)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [3, 6, 7]
