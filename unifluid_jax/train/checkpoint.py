@@ -32,6 +32,11 @@ def validate_config(section, path: str = "checkpoint") -> None:
     check_positive(section, path, "every_steps", "keep_every", allow_zero=True)
     check(section.max_to_keep is None or section.max_to_keep >= 1, f"{path}.max_to_keep",
           f"must be None or >= 1, got {section.max_to_keep!r}")
+    for i, sub in enumerate(section.get("init_subtrees", ())):
+        check(set(sub) <= {"workdir", "src", "dst"} and "dst" in sub, f"{path}.init_subtrees[{i}]",
+              f"expected dict(workdir=RUN_DIR, dst='sub/tree', src=''), got {dict(sub)}")
+        check(not sub["workdir"] or epath.Path(sub["workdir"]).exists(), f"{path}.init_subtrees[{i}].workdir",
+              f"no such directory {sub['workdir']!r} (a finished run's workdir)")
     if section.init_from:
         check(epath.Path(section.init_from).exists(), f"{path}.init_from",
               f"no such directory {section.init_from!r} (a workdir or its checkpoints/ folder)")
