@@ -44,7 +44,7 @@ LLM = {
 }
 SIGLIP = {"tiny": dict(variant="tiny/8"), "demo": dict(variant="tiny/8"),
           "0p7b": dict(variant="So400m/14", dtype="bfloat16"), "2b": dict(variant="So400m/14", dtype="bfloat16")}
-VAE = {"tiny": dict(preset="tiny_f8"), "demo": dict(preset="tiny_f8"),
+VAE = {"tiny": dict(preset="tiny_f8"), "demo": dict(preset="tiny_f8", base_channels=16),
        "0p7b": dict(preset="sd_kl_f8"), "2b": dict(preset="sd_kl_f8")}
 DIFFUSION = {"tiny": dict(depth=2, width=64), "demo": dict(depth=3, width=256),
              "0p7b": dict(depth=3, width=1024), "2b": dict(depth=3, width=1024)}
@@ -69,4 +69,7 @@ def unifluid_config(size: str, dataset_dir: str, *, gen_size: int, und_size: int
     c.optimizer.frozen_regexes = ("^vae/", "^siglip/")
     c.optimizer.no_decay_regexes = ("^head/",)
     c.checkpoint.init_subtrees = [dict(workdir="", src="", dst="vae")]
+    # Periodic evaluation (train.eval_every > 0) and `--mode=eval`: evals/suite.py on a shapes-style dataset.
+    c.eval = dict(data_dir=dataset_dir, split="test", num_geneval=48, num_caption=48, num_vqa=48,
+                  batch_size=16, num_steps=50, cfg_scale=2.0, temperature=1.0)
     return c

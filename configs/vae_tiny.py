@@ -1,6 +1,7 @@
 """Tiny KL-VAE (64 px -> 8x8x4) on the embedded shapes dataset; the UniFluid demo freezes it.
 
     python -m unifluid_jax.main --config=configs/vae_tiny.py:data=/tmp/shapes --workdir=/tmp/vae_tiny
+Arg: comma-separated data=DIR, size=demo|tiny (which UniFluid config's VAE), steps=N, batch=N.
 Writes vae_stats.json (held-out PSNR before/after, latent scaling factor) at every evaluation.
 """
 import ml_collections
@@ -14,13 +15,13 @@ def get_config(arg=None):
     data_dir = a.get("data", "workdir/shapes")
     c = config_lib.defaults()
     c.task = "vae"
-    c.vae = dict(preset=a.get("preset", "tiny_f8"))
+    c.vae = dict(common.VAE[a.get("size", "demo")])  # the VAE the UniFluid config of that size freezes
     c.data = common.shapes_data(data_dir, weights={"t2i": 1.0}, gen_size=64)
     c.vae_train = ml_collections.ConfigDict(dict(
         beta=1e-6, eval_batches=8,
         eval_sources=[{"path": data_dir + "/val/t2i", "kind": "array_record", "weight": 1.0, "task": ""}]))
     c.train.num_steps = int(a.get("steps", 600))
-    c.train.batch_size = int(a.get("batch", 16))
+    c.train.batch_size = int(a.get("batch", 8))
     c.train.log_every = 50
     c.train.eval_every = c.train.num_steps
     c.optimizer.lr = 2e-3

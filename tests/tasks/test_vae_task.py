@@ -11,7 +11,6 @@ from unifluid_jax.train import trainer
 @pytest.mark.slow
 def test_vae_training_improves_psnr(shapes_dir, tmp_path):
     cfg = runner.load_config("configs/vae_tiny.py", f"data={shapes_dir},steps=150,batch=8")
-    cfg.vae = dict(preset="tiny_f8", base_channels=16)  # a narrower VAE keeps the test fast
     cfg.mesh = dict(data=-1, fsdp=1, tensor=1)
     summary = trainer.Trainer(cfg, str(tmp_path)).run()
     stats = json.load(open(os.path.join(tmp_path, "vae_stats.json")))

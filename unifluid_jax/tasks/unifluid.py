@@ -8,6 +8,8 @@ configs) and usually initialised from a VAE run with `checkpoint.init_subtrees`.
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,6 +84,25 @@ class UniFluidTask(task_lib.Task):
 
     def host_metrics(self) -> dict[str, float]:
         return self._inputs[-1].metrics() if self._inputs else {}
+
+    def eval_fn(self, params, step, writer):
+        """evals/suite.py on config.eval (GenEval, FD, CIDEr, VQA); numbers to tensorboard, files to
+        WORKDIR/eval/STEP."""
+        from unifluid_jax.evals import suite
+        e = self.config.eval
+        out_dir = os.path.join(writer.workdir, "eval", str(step)) if jax.process_index() == 0 else None
+        res = suite.evaluate(self.model, {"params": params}, e.data_dir, out_dir=out_dir, split=e.split,
+                             num_geneval=e.num_geneval, num_caption=e.num_caption, num_vqa=e.num_vqa,
+                             batch_size=e.batch_size, num_steps=e.num_steps, cfg_scale=e.cfg_scale,
+                             temperature=e.temperature, caption_prompt=self.config.data.caption_prompt)
+        flat = {}
+        for group, vals in res.items():
+            if isinstance(vals, dict):
+                flat.update({f"eval/{group}_{k}": v for k, v in vals.items() if isinstance(v, (int, float))})
+            elif isinstance(vals, (int, float)):
+                flat[f"eval/{group}"] = vals
+        writer.scalars(step, flat)
+        return res
 
     def tokens_per_batch(self, batch) -> int:
         # Sequence slots that hold a real token (SigLIP, text and image tokens alike).
