@@ -94,8 +94,7 @@ def config_from_dict(section) -> UniFluidConfig:
     """From `config.model`: sub-sections llm / vae / diffusion / siglip (siglip None or {} disables it)."""
     d = _as_dict(section)
     llm = gemma_lib.config_from_dict(d["llm"])
-    vae_d = _as_dict(d["vae"])
-    vae = vae_lib.get_config(vae_d.pop("preset"), **vae_d) if "preset" in vae_d else vae_lib.VAEConfig(**vae_d)
+    vae = vae_lib.config_from_dict(_as_dict(d["vae"]))
     sig = d.get("siglip")
     sig = siglip_lib.config_from_dict(_as_dict(sig)) if sig else None
     diff_d = {"in_channels": vae.latent_channels * d.get("patch_size", 2) ** 2, **_as_dict(d["diffusion"])}
@@ -113,7 +112,7 @@ def validate_config(section, path: str = "model") -> None:
     for k in ("llm", "vae", "diffusion"):
         check(k in d, f"{path}.{k}", "required section is missing")
     gemma_lib.validate_config(d["llm"], f"{path}.llm")
-    vae_lib.validate_config({k: v for k, v in _as_dict(d["vae"]).items() if k != "preset"}, f"{path}.vae")
+    vae_lib.validate_config(d["vae"], f"{path}.vae")
     diffusion_lib.validate_config(d["diffusion"], f"{path}.diffusion")
     if d.get("siglip"):
         siglip_lib.validate_config(d["siglip"], f"{path}.siglip")

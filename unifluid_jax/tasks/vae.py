@@ -25,28 +25,20 @@ from unifluid_jax.tasks.inputs import SkipCounter
 from unifluid_jax.train import task as task_lib
 
 
-def vae_config(section) -> vae_lib.VAEConfig:
-    d = dict(section.to_dict() if hasattr(section, "to_dict") else section)
-    preset = d.pop("preset", None)
-    return vae_lib.get_config(preset, **d) if preset else vae_lib.VAEConfig(**d)
-
-
 class VAETask(task_lib.Task):
     batch_logical_axes = {"image": ("act_batch", None, None, None)}
 
     def __init__(self, config):
         super().__init__(config)
-        self.model_config = vae_config(config.vae)
+        self.model_config = vae_lib.config_from_dict(config.vae)
         self.model = vae_lib.AutoencoderKL(self.model_config)
         self._inputs: list[SkipCounter] = []
 
     @classmethod
     def validate_config(cls, config) -> None:
-        d = dict(config.vae)
-        d.pop("preset", None)
-        vae_lib.validate_config(d, "vae")
+        vae_lib.validate_config(config.vae, "vae")
         pipeline.validate_config(config.data, "data")
-        size = vae_config(config.vae).image_size
+        size = vae_lib.config_from_dict(config.vae).image_size
         check(config.data.gen_size == size, "data.gen_size",
               f"is {config.data.gen_size} but the VAE expects {size} px images (vae.image_size)")
         check(config.vae_train.beta >= 0, "vae_train.beta", f"must be >= 0, got {config.vae_train.beta}")
