@@ -21,7 +21,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m unifluid_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
+	$(PY) -m unifluid_jax.tools.demo --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
