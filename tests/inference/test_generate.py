@@ -113,6 +113,8 @@ def test_bad_input():
     cfg, model, params = tiny_model()
     with pytest.raises(ValueError, match="no prompts given"):
         G.prompt_batch(cfg, [])
+    with pytest.raises(ValueError, match="no prompts given"):
+        G.generate_images(model, params, [], jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match=r"prompt 1 .*too long.*max_text_len=8"):
         G.prompt_batch(cfg, [[5], list(range(5, 13))])
     with pytest.raises(ValueError, match="prompt 0 is a string but no tokenizer"):
@@ -125,3 +127,23 @@ def test_bad_input():
         b = G.prompt_batch(cfg, [[5]])
         b["task"] = np.array([layout.CAPTION], np.int32)
         G.generate_images(model, params, b, jax.random.PRNGKey(0))
+
+
+def test_vae_source_editing_traces():
+    """Edit source through the VAE too (n_src slots): the whole cached program traces with the right shapes
+    (eval_shape only: no compile)."""
+    from tests.models.unifluid_fixtures import tiny_config
+    from unifluid_jax.models.unifluid import UniFluid
+    cfg = tiny_config(edit_source=("siglip", "vae"))
+    model = UniFluid(cfg)
+    params = jax.eval_shape(lambda: tiny_model()[2])  # abstract params; the src path adds no new params
+    u, g = cfg.siglip.image_size, cfg.vae.image_size
+    batch = G.prompt_batch(cfg, [[5], [6, 7]], source_und=np.zeros((2, u, u, 3), np.float32),
+                           source_gen=np.zeros((2, g, g, 3), np.float32))
+    assert cfg.n_src == 16 and cfg.seq_len == tiny_model()[0].seq_len + 16
+    fn = functools.partial(G._generate, model, num_steps=STEPS, cfg_kind="linear", guided=True, use_cache=True,
+                           return_cond=True)
+    tokens, aux = jax.eval_shape(fn, params, batch, jax.random.PRNGKey(0), 3.0, 1.0, 0.0)
+    assert tokens.shape == (2, 16, 16) and aux["cond"].shape == (4, 16, cfg.width)
+    with pytest.raises(ValueError, match="needs source_gen"):
+        G.prompt_batch(cfg, [[5]], source_und=np.zeros((1, u, u, 3), np.float32))

@@ -58,7 +58,7 @@ def filter_logits(logits, *, top_k: int = 0, top_p=1.0):
     srt = jnp.sort(logits, axis=-1)[:, ::-1]
     probs = jax.nn.softmax(srt, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly more likely than each sorted token
-    keep = before < top_p
+    keep = (before < top_p) | (top_p >= 1.0)  # top_p 1 keeps everything despite cumsum rounding
     cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits < cutoff, NEG_INF, logits)
 

@@ -283,11 +283,12 @@ def _decoder(config: UniFluidConfig):
     return jax.jit(lambda params, tokens: apply(model, params, UniFluid.decode_tokens, tokens))
 
 
-def generate_images(model: UniFluid, params, batch: dict[str, Any], rng, *, num_steps: int = 100,
+def generate_images(model: UniFluid, params, batch: dict[str, Any] | Sequence, rng, *, num_steps: int = 100,
                     temperature: float = 1.0, cfg_scale: float = 1.0, cfg_schedule: str = "linear",
                     order: str = "raster", use_cache: bool = True, guided: bool | None = None,
-                    return_aux: bool = False):
-    """Generates one image per prompt row of `batch` (from `prompt_batch`). Returns (images [B, G, G, 3] in
+                    return_aux: bool = False, tokenizer=None):
+    """Generates one image per prompt row of `batch` (from `prompt_batch`; a plain list of t2i prompts, strings
+    with `tokenizer` or id lists, is laid out here). Returns (images [B, G, G, 3] in
     about [-1, 1], tokens [B, n, C] in raster order), plus an aux dict if `return_aux` (order [B, n],
     tokens_in_order, cond [R, n, D]: the condition z of every step for every transformer row).
 
@@ -301,6 +302,8 @@ def generate_images(model: UniFluid, params, batch: dict[str, Any], rng, *, num_
         raise ValueError(f"unknown cfg_schedule {cfg_schedule!r}; choose one of {CFG_SCHEDULES}")
     if not 2 <= num_steps <= model.config.diffusion.num_train_steps:
         raise ValueError(f"num_steps must be in [2, {model.config.diffusion.num_train_steps}], got {num_steps}")
+    if isinstance(batch, (list, tuple)):
+        batch = prompt_batch(model.config, batch, tokenizer=tokenizer)
     if batch is None or "text_tokens" not in batch or len(batch["text_tokens"]) == 0:
         raise ValueError("generate_images: empty batch; build it with prompt_batch(config, prompts)")
     bad = np.setdiff1d(np.asarray(batch["task"]), np.asarray(layout.GEN_TASKS))
