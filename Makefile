@@ -18,6 +18,9 @@ $(VENV)/.installed: requirements.txt setup.py
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	# libtpu (the version jax pins) OFF the import path: tools/aot.py compiles for TPU topologies with it,
+	# while ordinary jax processes never load it.
+	$(PY) -m pip install -q --no-deps --target $(VENV)/libtpu-aot 'libtpu==0.0.42.1'
 	touch $@
 
 demo: $(VENV)/.installed

@@ -24,3 +24,12 @@ def mesh1():
 def mesh8():
     """All 8 fake CPU devices as data x fsdp x tensor = 2 x 2 x 2."""
     return sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    """A small embedded dataset (64 px) with its tokenizer, built once per test session (per worker)."""
+    from unifluid_jax.tools import build_shapes
+    out = tmp_path_factory.mktemp("shapes")
+    build_shapes.build(str(out), size=64, num_train=256, num_val=64, num_test=32, num_shards=1, num_geneval=4)
+    return str(out)

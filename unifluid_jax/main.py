@@ -19,6 +19,11 @@ from unifluid_jax import config as config_lib
 
 MODES: dict[str, str] = {
     "train": "unifluid_jax.train.trainer:train",
+    "sample": "unifluid_jax.inference.cli:sample",
+    "caption": "unifluid_jax.inference.cli:caption",
+    "vqa": "unifluid_jax.inference.cli:vqa",
+    "edit": "unifluid_jax.inference.cli:edit",
+    "eval": "unifluid_jax.inference.cli:evaluate",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",

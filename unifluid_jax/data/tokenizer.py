@@ -63,7 +63,8 @@ class Tokenizer:
         return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Decodes ids, dropping pad/bos and stopping at the first eos."""
+        """Decodes ids, dropping pad/bos and stopping at the first eos. Ids past the tokenizer's vocabulary
+        (a model's embedding table may be padded, like Gemma's 256128 rows) decode as unk."""
         out = []
         for i in ids:
             i = int(i)
@@ -71,7 +72,7 @@ class Tokenizer:
                 break
             if i in (self.pad_id, self.bos_id):
                 continue
-            out.append(i)
+            out.append(i if 0 <= i < self.vocab_size else self.unk_id)
         return self._sp.DecodeIds(out)
 
     def id_to_piece(self, i: int) -> str:

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import math
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import flax.linen as nn
 
@@ -156,44 +157,68 @@ def batch_shardings(mesh: Mesh, batch_logical_axes: Mapping[str, Sequence[str | 
             for k, v in batch_logical_axes.items()}
 
 
-def process_batch_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
-    """The contiguous rows [start, stop) of the global batch this process must feed.
+def _row_ranges(index_map, global_batch: int) -> list[tuple[int, int]]:
+    """Sorted distinct [start, stop) row ranges of the batch dimension in a device -> index map."""
+    rows = set()
+    for idx in index_map.values():
+        sl = idx[0]
+        rows.add((sl.start or 0, global_batch if sl.stop is None else sl.stop))
+    return sorted(rows)
 
-    With batch dims sharded over ('data', 'fsdp') every process owns one contiguous block; a batch replicated
-    across processes makes every process feed all rows."""
-    idx = sharding.addressable_devices_indices_map((global_batch,))
-    starts = [s[0].start or 0 for s in idx.values()]
-    stops = [global_batch if s[0].stop is None else s[0].stop for s in idx.values()]
-    start, stop = min(starts), max(stops)
-    covered = sorted({(a, b) for a, b in zip(starts, stops)})
-    pos = start
-    for a, b in covered:  # the process's rows must form one block
-        if a > pos:
-            raise ValueError(f"this process's batch rows are not contiguous: {covered}; "
-                             "order the mesh so each host owns a contiguous block of ('data', 'fsdp')")
-        pos = max(pos, b)
-    return start, stop
+
+def process_batch_rows(sharding: NamedSharding, global_batch: int) -> list[tuple[int, int]]:
+    """The row ranges [start, stop) of the global batch that this process feeds, in order.
+
+    On a TPU pod the mesh follows the physical torus, so a host's devices need not hold one contiguous block
+    of ('data', 'fsdp'): a process feeds the concatenation of its ranges (see make_global_batch)."""
+    return _row_ranges(sharding.addressable_devices_indices_map((global_batch,)), global_batch)
 
 
 def data_shard(sharding: NamedSharding, global_batch: int) -> tuple[int, int, int]:
-    """(shard_index, shard_count, local_batch) of this process in the global batch (for the input pipeline)."""
-    start, stop = process_batch_rows(sharding, global_batch)
-    local = stop - start
+    """(shard_index, shard_count, local_batch) of this process for the input pipeline.
+
+    Processes are ranked by their first row; every process must feed the same number of rows. A batch that
+    is replicated across processes makes every process feed all rows (shard_count 1)."""
+    ranges = process_batch_rows(sharding, global_batch)
+    local = sum(b - a for a, b in ranges)
     if global_batch % local:
         raise ValueError(f"global batch {global_batch} does not split into per-process blocks of {local}")
-    return start // local, global_batch // local, local
+    by_process: dict[int, int] = {}
+    for dev, idx in sharding.devices_indices_map((global_batch,)).items():
+        first = idx[0].start or 0
+        by_process[dev.process_index] = min(first, by_process.get(dev.process_index, global_batch))
+    firsts = sorted(set(by_process.values()))
+    count = global_batch // local
+    index = firsts.index(by_process[jax.process_index()]) if len(firsts) == count else 0
+    return index, count, local
 
 
 def make_global_batch(local_batch: Mapping, shardings: Mapping[str, NamedSharding], global_batch: int):
-    """Per-process numpy slices -> global jax Arrays laid out by `shardings` (one call per field)."""
+    """Per-process numpy rows -> global jax Arrays laid out by `shardings`.
+
+    The local rows are this process's row ranges (process_batch_rows) concatenated in order; each addressable
+    device gets its slice, so any device order works (contiguous or not)."""
     out = {}
     for k, v in local_batch.items():
         if k not in shardings:
             raise KeyError(f"batch field {k!r} has no logical axes in the task's batch_logical_axes")
-        start, stop = process_batch_rows(shardings[k], global_batch)
-        if v.shape[0] != stop - start:
-            raise ValueError(f"batch field {k!r}: local rows {v.shape[0]} != expected {stop - start}")
-        out[k] = jax.make_array_from_process_local_data(shardings[k], v, (global_batch,) + tuple(v.shape[1:]))
+        v = np.asarray(v)
+        shape = (global_batch,) + tuple(v.shape[1:])
+        index_map = shardings[k].addressable_devices_indices_map(shape)
+        ranges = _row_ranges(index_map, global_batch)
+        offsets, pos = {}, 0
+        for a, b in ranges:
+            offsets[(a, b)] = pos
+            pos += b - a
+        if v.shape[0] != pos:
+            raise ValueError(f"batch field {k!r}: local rows {v.shape[0]} != expected {pos}")
+        arrays = []
+        for dev, idx in index_map.items():
+            a = idx[0].start or 0
+            b = global_batch if idx[0].stop is None else idx[0].stop
+            local_idx = (slice(offsets[(a, b)], offsets[(a, b)] + b - a),) + tuple(idx[1:])
+            arrays.append(jax.device_put(v[local_idx], dev))
+        out[k] = jax.make_array_from_single_device_arrays(shape, shardings[k], arrays)
     return out
 
 

@@ -156,6 +156,9 @@ class Trainer:
         opt = config.optimizer
         check(self.global_batch % int(opt.grad_accum_steps) == 0, "optimizer.grad_accum_steps",
               f"must divide train.batch_size ({self.global_batch}), got {opt.grad_accum_steps}")
+        # The root key is made outside the mesh context: an eager op there would run on the mesh's devices,
+        # which for AOT compilation (tools/aot.py) are compile-only TPU devices.
+        self.rng = jax.random.PRNGKey(int(config.seed))
         with self.context():
             self._build()
 
@@ -171,7 +174,6 @@ class Trainer:
 
     def _build(self):
         cfg, mesh = self.config, self.mesh
-        self.rng = jax.random.PRNGKey(int(cfg.seed))
         boxed = jax.eval_shape(self.task.init_params, self.rng)
         self.boxed_abstract = boxed
         params_abstract = sharding.unbox_abstract(boxed)
