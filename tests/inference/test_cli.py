@@ -89,7 +89,9 @@ def test_bad_inputs_name_the_item(shapes_dir, run_dir, tmp_path):
     bad.write_text(json.dumps({"image": "broken.png", "question": "how many?"}) + "\n")
     with pytest.raises(ConfigError, match="broken.png.*cannot be read"):
         main.run(_config(shapes_dir, questions=str(bad)), run_dir, "vqa")
-    cfg = _config(shapes_dir, prompts=str(long))
+    ok = tmp_path / "ok.txt"
+    ok.write_text("a red circle\n")
+    cfg = _config(shapes_dir, prompts=str(ok))
     cfg.model.diffusion.width = 48
     with pytest.raises(ConfigError, match="does not match config.model.*head"):
         main.run(cfg, run_dir, "sample")
