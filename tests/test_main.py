@@ -10,7 +10,7 @@ CASES = [
     ("--config.optimizer.lrr=1", 'unknown config key in --config.optimizer.lrr=1 (Did you mean "lr"'),
     ("--config.mesh.data=3", "ConfigError: config.mesh: {'data': 3, 'fsdp': -1, 'tensor': 1} cannot fill 8"),
     ("--config.gemma.num_kv_heads=3", "ConfigError: config.gemma.num_kv_heads: num_heads (4) must be divisible"),
-    ("--mode=bogus", "ConfigError: --mode='bogus' is unknown; choose one of ['train'"),
+    ("--mode=bogus", "ConfigError: --mode='bogus' is unknown; choose one of ['caption', 'edit', 'eval', 'sample', 'train', 'vqa']"),
 ]
 
 

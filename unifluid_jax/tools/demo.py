@@ -1,6 +1,6 @@
 """The embedded end-to-end demo (`make demo`): data -> VAE -> UniFluid -> evaluation, resumable.
 
-    python -m unifluid_jax.tools.demo --workdir=workdir/demo [--vae_steps=600 --steps=3000 --quick]
+    python -m unifluid_jax.tools.demo --workdir=workdir/demo [--vae_steps=500 --steps=1200 --quick]
 
 Stages (each skipped when its output exists, so re-running resumes instead of starting over; the two
 training stages also resume mid-run from their checkpoints):
@@ -19,8 +19,8 @@ import time
 from absl import app, flags, logging as absl_logging
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "output directory")
-_VAE_STEPS = flags.DEFINE_integer("vae_steps", 600, "VAE training steps")
-_STEPS = flags.DEFINE_integer("steps", 3000, "UniFluid training steps")
+_VAE_STEPS = flags.DEFINE_integer("vae_steps", 500, "VAE training steps")
+_STEPS = flags.DEFINE_integer("steps", 1200, "UniFluid training steps")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 4000, "training scenes (each gives one record per task)")
 _QUICK = flags.DEFINE_bool("quick", False, "a tiny smoke run (few steps, small eval) for tests")
 
