@@ -25,6 +25,17 @@ def check_positive(section: Any, path: str, *fields: str, allow_zero: bool = Fal
         check(ok, f"{path}.{f}", f"must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
 
 
+def from_presets(cls, presets: dict, section, key: str, kind: str):
+    """A frozen-dataclass config from a section: an optional named preset (`section[key]`) plus field
+    overrides; list values become tuples (ConfigDict stores tuples as lists)."""
+    d = dict(section.to_dict() if hasattr(section, "to_dict") else section or {})
+    name = d.pop(key, None)
+    if name and name not in presets:
+        raise ValueError(f"unknown {kind} {key} {name!r}; choose one of {sorted(presets)}")
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return cls(**{**(presets[name] if name else {}), **d})
+
+
 def check_choice(value: Any, path: str, choices) -> None:
     check(value in choices, path, f"unknown value {value!r}; choose one of {sorted(choices)}")
 

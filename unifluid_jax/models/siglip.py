@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unifluid_jax.config import check, check_choice, check_positive
+from unifluid_jax.config import check, check_choice, check_positive, from_presets
 # Same remat vocabulary as the LLM: 'none', 'full' (save nothing) or a jax.checkpoint_policies name.
 from unifluid_jax.models.gemma import REMAT_POLICIES
 
@@ -61,9 +61,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def get_config(variant: str, **overrides) -> SigLIPConfig:
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown SigLIP variant {variant!r}; choose one of {sorted(VARIANTS)}")
-    return SigLIPConfig(**{**VARIANTS[variant], **overrides})
+    return config_from_dict({"variant": variant, **overrides})
 
 
 _FIELDS = {f.name for f in dataclasses.fields(SigLIPConfig)}
@@ -71,10 +69,7 @@ _FIELDS = {f.name for f in dataclasses.fields(SigLIPConfig)}
 
 def config_from_dict(section) -> SigLIPConfig:
     """A ConfigDict / dict section: optional `variant` plus any SigLIPConfig field as an override."""
-    d = dict(section)
-    variant = d.pop("variant", None)
-    base = dict(VARIANTS[variant]) if variant else {}
-    return SigLIPConfig(**{**base, **d})
+    return from_presets(SigLIPConfig, VARIANTS, section, "variant", "SigLIP")
 
 
 def validate_config(section, path: str) -> None:

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unifluid_jax.config import check, check_choice, check_positive
+from unifluid_jax.config import check, check_choice, check_positive, from_presets
 
 RECON_LOSSES = ("l1", "l2")
 ACT = ("act_batch", "act_height", "act_width", "act_channels")
@@ -64,9 +64,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def get_config(preset: str, **overrides) -> VAEConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown VAE preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return VAEConfig(**{**PRESETS[preset], **overrides})
+    return config_from_dict({"preset": preset, **overrides})
 
 
 _FIELDS = {f.name for f in dataclasses.fields(VAEConfig)}
@@ -74,11 +72,7 @@ _FIELDS = {f.name for f in dataclasses.fields(VAEConfig)}
 
 def config_from_dict(section) -> VAEConfig:
     """A ConfigDict / dict section: optional `preset` plus any VAEConfig field as an override."""
-    d = dict(section)
-    preset = d.pop("preset", None)
-    if "channel_mult" in d:
-        d["channel_mult"] = tuple(d["channel_mult"])
-    return VAEConfig(**{**(PRESETS[preset] if preset else {}), **d})
+    return from_presets(VAEConfig, PRESETS, section, "preset", "VAE")
 
 
 def validate_config(section, path: str) -> None:
