@@ -4,7 +4,7 @@ Paper recipe (SPEC 8): AdamW lr 1e-4, 65k warmup then constant, batch 2048, 1M s
 annealing random -> raster between 30% and 60% of training.
     python -m unifluid_jax.main --config=configs/unifluid_2b.py:data=gs://...,vae=gs://... --workdir=gs://...
 """
-from configs import common
+from unifluid_jax import presets as common
 
 
 def get_config(arg=None):

@@ -5,7 +5,7 @@ Gemma-2-style 4 layers x 128 wide, SigLIP tiny/8 at 32 px (16 prefix tokens), th
     python -m unifluid_jax.main --config=configs/unifluid_demo.py:data=DIR,vae=VAE_RUN --workdir=DIR
 Arg: comma-separated data=, vae=, steps=, batch=, scaling=(the VAE's latent scaling factor).
 """
-from configs import common
+from unifluid_jax import presets as common
 
 
 def get_config(arg=None):

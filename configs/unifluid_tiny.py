@@ -4,7 +4,7 @@
     python -m unifluid_jax.main --config=configs/unifluid_tiny.py:data=/tmp/shapes --workdir=/tmp/uf_tiny
 Arg: comma-separated data=DATASET_DIR, vae=VAE_WORKDIR (frozen VAE to load), steps=N, batch=N.
 """
-from configs import common
+from unifluid_jax import presets as common
 
 
 def get_config(arg=None):

@@ -6,7 +6,7 @@ Writes vae_stats.json (held-out PSNR before/after, latent scaling factor) at eve
 """
 import ml_collections
 
-from configs import common
+from unifluid_jax import presets as common
 from unifluid_jax import config as config_lib
 
 

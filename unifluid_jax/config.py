@@ -86,7 +86,7 @@ def validate(config, num_devices: int | None = None) -> None:
 
     from unifluid_jax.train import checkpoint, optimizer, task, trainer
     missing = [s for s in REQUIRED_SECTIONS if s not in config]
-    check(not missing, missing[0] if missing else "", "missing section; start from configs/common.py")
+    check(not missing, missing[0] if missing else "", "missing section; start from unifluid_jax.config.defaults() (see configs/*.py)")
     task_cls = task.resolve(config.task)
     trainer.validate_config(config.train, "train")
     optimizer.validate_config(config.optimizer, "optimizer")

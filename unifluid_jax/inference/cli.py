@@ -7,7 +7,7 @@
     ... --mode=edit --config.infer.pairs=edits.jsonl            ({"image": path, "instruction": ...} per line)
     ... --mode=eval                                             (evals/suite.py on config.eval)
 
-`config.infer` (configs/common.py): inputs above, `out` (default RUN/infer), `step` (-1: latest), sampling
+`config.infer` (unifluid_jax/presets.py): inputs above, `out` (default RUN/infer), `step` (-1: latest), sampling
 (`num_steps`, `cfg_scale`, `cfg_schedule`, `temperature`, `order`), decoding (`method`, `beam_size`), `batch_size`,
 `seed`. Inputs are checked before anything compiles: an empty file, an unreadable image, a prompt that does
 not fit, or a checkpoint that does not match the config stop with one error naming the item.

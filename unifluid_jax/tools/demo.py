@@ -25,9 +25,16 @@ _NUM_TRAIN = flags.DEFINE_integer("num_train", 4000, "training scenes (each give
 _QUICK = flags.DEFINE_bool("quick", False, "a tiny smoke run (few steps, small eval) for tests")
 
 
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+
+
 def _load_config(name: str, arg: str):
-    import importlib
-    return importlib.import_module(f"configs.{name}").get_config(arg)
+    """configs/NAME.py of this checkout, loaded by path like --config=... does (any working directory)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"_demo_config_{name}", os.path.join(CONFIGS, name + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
 
 
 def _log(msg: str) -> None:
@@ -42,6 +49,7 @@ def _finished(run_dir: str, steps: int) -> bool:
 
 
 def run(workdir: str, *, vae_steps: int, steps: int, num_train: int, quick: bool = False) -> dict:
+    workdir = os.path.abspath(workdir)
     import jax
 
     from unifluid_jax import config as config_lib

@@ -109,8 +109,13 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def absolute(path: str) -> str:
+    """Local paths made absolute (orbax/tensorstore refuse relative ones); URLs like gs://... unchanged."""
+    return path if "://" in str(path) else os.path.abspath(path)
+
+
 def checkpoint_dir(workdir: str) -> epath.Path:
-    return epath.Path(workdir) / "checkpoints"
+    return epath.Path(absolute(workdir)) / "checkpoints"
 
 
 class Checkpointer:
@@ -167,7 +172,7 @@ class Checkpointer:
 
 def restore_params_from(path: str, abstract_params, step: int | None = None):
     """Fine-tuning: only the params of another run (workdir or its checkpoints/ dir), into our shardings."""
-    path = epath.Path(path)
+    path = epath.Path(absolute(path))
     if (path / "checkpoints").exists():
         path = path / "checkpoints"
     with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
@@ -184,7 +189,8 @@ def restore_params_from(path: str, abstract_params, step: int | None = None):
 
 def load_numpy(workdir: str, step: int | None = None, item: str = "state"):
     """A saved step's item as a tree of host numpy arrays, on any device count (tools, tests, export)."""
-    path = checkpoint_dir(workdir) if (epath.Path(workdir) / "checkpoints").exists() else epath.Path(workdir)
+    path = checkpoint_dir(workdir) if (epath.Path(absolute(workdir)) / "checkpoints").exists() \
+        else epath.Path(absolute(workdir))
     with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
                                item_handlers={item: ocp.PyTreeCheckpointHandler()}) as mgr:
         step = mgr.latest_step() if step is None else step

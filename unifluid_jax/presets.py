@@ -1,4 +1,6 @@
-"""Shared pieces of the experiment configs: data sections and the UniFluid model presets."""
+"""Shared pieces of the experiment configs (configs/*.py): data sections and the UniFluid model presets.
+
+In the package (not in configs/) so a config file loads from any working directory."""
 from __future__ import annotations
 
 import os
