@@ -48,7 +48,7 @@ SIGLIP = {"tiny": dict(variant="tiny/8"), "demo": dict(variant="tiny/8"),
           "0p7b": dict(variant="So400m/14", dtype="bfloat16"), "2b": dict(variant="So400m/14", dtype="bfloat16")}
 VAE = {"tiny": dict(preset="tiny_f8"), "demo": dict(preset="tiny_f8", base_channels=16),
        "0p7b": dict(preset="sd_kl_f8"), "2b": dict(preset="sd_kl_f8")}
-DIFFUSION = {"tiny": dict(depth=2, width=64), "demo": dict(depth=3, width=256),
+DIFFUSION = {"tiny": dict(depth=2, width=64, sample_clip_x0=5.0), "demo": dict(depth=3, width=256, sample_clip_x0=5.0),
              "0p7b": dict(depth=3, width=1024), "2b": dict(depth=3, width=1024)}
 TEXT_LEN = {"tiny": 48, "demo": 48, "0p7b": 64, "2b": 64}
 

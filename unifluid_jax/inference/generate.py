@@ -179,7 +179,7 @@ def head_sampler(config: UniFluidConfig, params, *, num_steps: int, cfg_kind: st
         return diffusion_lib.sample(head_fn, head_params, z[:b], rng, num_steps=num_steps, temperature=temperature,
                                     cfg_scale=scale, z_uncond=z_u, in_channels=c.token_dim,
                                     schedule=c.diffusion.schedule, num_train_steps=c.diffusion.num_train_steps,
-                                    learn_sigma=c.diffusion.learn_sigma)
+                                    learn_sigma=c.diffusion.learn_sigma, clip_x0=c.diffusion.sample_clip_x0)
     return sample
 
 

@@ -45,6 +45,7 @@ class DiffusionConfig:
     learn_sigma: bool = True        # head predicts the variance interpolation v (MAR: True)
     remat: bool = False             # rematerialise each residual block in the backward pass
     dtype: str = "float32"          # compute dtype of the head (params stay float32)
+    sample_clip_x0: float | None = None  # sampler: clip predicted x_0 to [-c, c] (None = MAR, no clipping)
 
     @property
     def out_channels(self) -> int:
@@ -95,6 +96,8 @@ def validate_config(section: Mapping[str, Any], path: str = "model.diffusion") -
           f"must be in [2, num_train_steps={full['num_train_steps']}], got {full['num_sampling_steps']}")
     check_choice(full["schedule"], f"{path}.schedule", _SCHEDULES)
     check_choice(full["dtype"], f"{path}.dtype", _DTYPES)
+    clip = full.get("sample_clip_x0")
+    check(clip is None or clip > 0, f"{path}.sample_clip_x0", f"must be None (no clipping) or > 0, got {clip!r}")
     for k in ("learn_sigma", "remat"):
         check(isinstance(full[k], bool), f"{path}.{k}", f"must be True or False, got {full[k]!r}")
 
@@ -273,7 +276,7 @@ def cfg_schedule(step_k, num_tokens: int, cfg, kind: str = "linear", num_remaini
 
 def sample(head_apply_fn, params, z_cond, rng, *, num_steps: int = 100, temperature=1.0, cfg_scale=1.0,
            z_uncond=None, noise=None, in_channels: int = 16, schedule: str = "cosine",
-           num_train_steps: int = 1000, learn_sigma: bool = True):
+           num_train_steps: int = 1000, learn_sigma: bool = True, clip_x0: float | None = None):
     """MAR's p_sample_loop for one token per row: z_cond [B, D] -> x_0 [B, C] (float32).
 
     Ancestral DDPM over `num_steps` respaced steps, learned variance, no x0 clipping; `temperature` scales
@@ -302,7 +305,7 @@ def sample(head_apply_fn, params, z_cond, rng, *, num_steps: int = 100, temperat
             out = jnp.concatenate([eps_u + cfg_scale * (eps_c - eps_u), out[:b, c:]], axis=-1)
         else:
             out = head_apply_fn(params, x, tmap[t], z).astype(jnp.float32)
-        return diffusion.p_sample(out, x, t, eps_noise, temperature), None
+        return diffusion.p_sample(out, x, t, eps_noise, temperature, clip_x0), None
 
     js = jnp.arange(diffusion.num_timesteps - 1, -1, -1, dtype=jnp.int32)
     x, _ = jax.lax.scan(step, x, (js, step_noise))
