@@ -366,3 +366,19 @@ def test_cfg_schedule():
     assert float(dm.cfg_schedule(5, 256, 4.0, "constant")) == 4.0
     with pytest.raises(ValueError):
         dm.cfg_schedule(0, 4, 2.0, "cosine")
+
+
+def test_sample_clip_x0_bounds_a_diverging_chain():
+    """A 0.01 eps error at t=999 (alpha_bar ~2e-9) throws x far off scale; a head that saturates there (as a
+    trained network does off its data) never brings it back. clip_x0 keeps the chain on scale."""
+    from unifluid_jax.models import diffusion as dl
+
+    def head(params, x, t, z):  # eps ~ x_t for |x| <~ 3 (right at t=999 but for 0.01), saturating beyond
+        return jnp.concatenate([3.0 * jnp.tanh(x / 3.0) + 0.01, jnp.zeros_like(x)], axis=-1)
+
+    z = jnp.zeros((64, 8))
+    wild = dl.sample(head, None, z, jax.random.PRNGKey(0), num_steps=20, in_channels=4, temperature=0.0)
+    tame = dl.sample(head, None, z, jax.random.PRNGKey(0), num_steps=20, in_channels=4, temperature=0.0,
+                     clip_x0=3.0)
+    assert float(jnp.abs(wild).max()) > 100.0
+    assert float(jnp.abs(tame).max()) <= 3.0 + 1e-5  # the last step's mean is the clipped x_0 itself

@@ -18,11 +18,16 @@ import time
 
 from absl import app, flags, logging as absl_logging
 
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "output directory")
-_VAE_STEPS = flags.DEFINE_integer("vae_steps", 500, "VAE training steps")
-_STEPS = flags.DEFINE_integer("steps", 1200, "UniFluid training steps")
-_NUM_TRAIN = flags.DEFINE_integer("num_train", 4000, "training scenes (each gives one record per task)")
-_QUICK = flags.DEFINE_bool("quick", False, "a tiny smoke run (few steps, small eval) for tests")
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    """Defined only when run as a program, so importing `run` never clashes with main.py's flags."""
+    flags.DEFINE_string("workdir", "workdir/demo", "output directory")
+    flags.DEFINE_integer("vae_steps", 500, "VAE training steps")
+    flags.DEFINE_integer("steps", 1200, "UniFluid training steps")
+    flags.DEFINE_integer("num_train", 4000, "training scenes (each gives one record per task)")
+    flags.DEFINE_bool("quick", False, "a tiny smoke run (few steps, small eval) for tests")
 
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
@@ -151,10 +156,11 @@ def main(argv):
     import logging
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("unifluid_jax").setLevel(logging.INFO)
-    q = _QUICK.value
-    run(_WORKDIR.value, vae_steps=20 if q else _VAE_STEPS.value, steps=20 if q else _STEPS.value,
-        num_train=200 if q else _NUM_TRAIN.value, quick=q)
+    q = FLAGS.quick
+    run(FLAGS.workdir, vae_steps=20 if q else FLAGS.vae_steps, steps=20 if q else FLAGS.steps,
+        num_train=200 if q else FLAGS.num_train, quick=q)
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
