@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 
 from unifluid_jax.data import layout as L
+from unifluid_jax.models import masks
 
 
 def visible(input_mask, mask_ar):
-    """The big_vision rule, written independently of layout.attention_visible: [T, S] bool."""
+    """The big_vision rule, written independently of models/masks.py: [T, S] bool."""
     cum = np.cumsum(mask_ar)
     v = np.asarray(input_mask, bool)
     return (cum[None, :] <= cum[:, None]) & v[None, :] & v[:, None]
@@ -83,13 +84,8 @@ def test_who_sees_whom(xp):
     assert v[T[3], prefix + [T[3]]].all() and not v[T[3], T[4]]  # answer token: causal
     assert v[T[4], prefix + [T[3], T[4]]].all()
     assert not v[:, SRC + [T[5]] + G].any() and not v[SRC + [T[5]] + G, :].any()  # invalid slots
-    np.testing.assert_array_equal(v, np.asarray(L.attention_visible(im[None], ar[None]))[0])
-    try:  # the model's mask (another module) must agree with the contract
-        from unifluid_jax.models import masks
-    except ImportError:
-        masks = None
-    if masks is not None:
-        np.testing.assert_array_equal(v, np.asarray(masks.make_attention_mask(im[None], ar[None]))[0])
+    # the model's mask must agree with the contract
+    np.testing.assert_array_equal(v, np.asarray(masks.make_attention_mask(im[None], ar[None]))[0])
 
     # t2i: no und/src; prompt prefix; BOI, i0, i1 causal over the prompt.
     im, ar = _example("t2i", xp=xp)
@@ -124,5 +120,5 @@ def test_mixed_batch_positions():
     tar = np.stack([r["text_mask_ar"] for r in rows])
     im, ar = L.sequence_masks(np.arange(4), tim, tar, 2, 0, 3)
     assert im.shape == ar.shape == (4, 2 + 6 + 4) and im.dtype == np.int32
-    pos = L.sequence_positions(im)
+    pos = np.asarray(masks.positions_from_mask(im))
     np.testing.assert_array_equal(pos[0], [0, 0, 0, 1, 1, 1, 1, 1, 2, 3, 4, 5])  # t2i: BOS p | BOI...

@@ -161,19 +161,3 @@ def sequence_masks(task_ids, text_input_mask, text_mask_ar, n_und: int, n_src: i
         xp.broadcast_to(gen_valid, (b, 1 + n_img)).astype(i32),
     ], axis=1)
     return input_mask, mask_ar
-
-
-def attention_visible(input_mask, mask_ar, xp=np):
-    """[B,T,S] bool: t (query) may attend to s (key) -- the big_vision prefix-LM rule, for reference/tests.
-
-    The model's own mask lives in unifluid_jax/models; this is the data-side statement of the contract.
-    """
-    cum = xp.cumsum(xp.asarray(mask_ar), axis=1)
-    valid = xp.asarray(input_mask).astype(bool)
-    return (cum[:, None, :] <= cum[:, :, None]) & valid[:, None, :] & valid[:, :, None]
-
-
-def sequence_positions(input_mask, xp=np):
-    """[B,S] int32 positions counting only valid tokens (cumsum(input_mask) - 1, clipped at 0)."""
-    m = xp.asarray(input_mask).astype(xp.int32)
-    return xp.maximum(xp.cumsum(m, axis=1) - 1, 0).astype(xp.int32)
