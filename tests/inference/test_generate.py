@@ -129,21 +129,34 @@ def test_bad_input():
         G.generate_images(model, params, b, jax.random.PRNGKey(0))
 
 
-def test_vae_source_editing_traces():
-    """Edit source through the VAE too (n_src slots): the whole cached program traces with the right shapes
-    (eval_shape only: no compile)."""
-    from tests.models.unifluid_fixtures import tiny_config
+def test_vae_source_editing_cached_equals_uncached():
+    """Edit source through the VAE too (n_src slots after the SigLIP ones): cached == uncached, and the VAE
+    source reaches the image tokens (another source image changes them; so does the SigLIP one)."""
+    from tests.inference.common import random_params
+    from tests.models.unifluid_fixtures import make_batch, tiny_config
     from unifluid_jax.models.unifluid import UniFluid
     cfg = tiny_config(edit_source=("siglip", "vae"))
     model = UniFluid(cfg)
-    params = jax.eval_shape(lambda: tiny_model()[2])  # abstract params; the src path adds no new params
-    u, g = cfg.siglip.image_size, cfg.vae.image_size
-    batch = G.prompt_batch(cfg, [[5], [6, 7]], source_und=np.zeros((2, u, u, 3), np.float32),
-                           source_gen=np.zeros((2, g, g, 3), np.float32))
+    params = random_params(model, make_batch())
     assert cfg.n_src == 16 and cfg.seq_len == tiny_model()[0].seq_len + 16
-    fn = functools.partial(G._generate, model, num_steps=STEPS, cfg_kind="linear", guided=True, use_cache=True,
-                           return_cond=True)
-    tokens, aux = jax.eval_shape(fn, params, batch, jax.random.PRNGKey(0), 3.0, 1.0, 0.0)
-    assert tokens.shape == (2, 16, 16) and aux["cond"].shape == (4, 16, cfg.width)
+    u, g = cfg.siglip.image_size, cfg.vae.image_size
+    r = np.random.default_rng(1)
+    und, gen = r.uniform(-1, 1, (2, u, u, 3)).astype(np.float32), r.uniform(-1, 1, (2, g, g, 3)).astype(np.float32)
+
+    def run(use_cache, source_und=und, source_gen=gen):
+        batch = G.prompt_batch(cfg, [[5], [6, 7]], source_und=source_und, source_gen=source_gen)
+        return G.generate_images(model, params, batch, jax.random.PRNGKey(0), num_steps=STEPS, cfg_scale=3.0,
+                                 use_cache=use_cache, return_aux=True)
+    img_c, tok_c, aux_c = run(True)
+    img_u, tok_u, aux_u = run(False)
+    assert img_c.shape == (2, g, g, 3) and aux_c["cond"].shape == (4, 16, cfg.width)
+    assert float(jnp.max(jnp.abs(aux_c["cond"] - aux_u["cond"]))) <= 1e-5
+    assert _rel(tok_c, tok_u) <= 1e-5
+    # Row 0's VAE source replaced by row 1's: row 0 changes, row 1 (same inputs) does not.
+    _, tok_g, _ = run(True, source_gen=gen[[1, 1]])
+    assert _rel(tok_g[0], tok_c[0]) > 1e-3
+    np.testing.assert_allclose(tok_g[1], tok_c[1], rtol=1e-5, atol=1e-5)
+    _, tok_s, _ = run(True, source_und=und[[1, 1]])
+    assert _rel(tok_s[0], tok_c[0]) > 1e-3
     with pytest.raises(ValueError, match="needs source_gen"):
-        G.prompt_batch(cfg, [[5]], source_und=np.zeros((1, u, u, 3), np.float32))
+        G.prompt_batch(cfg, [[5]], source_und=und[:1])

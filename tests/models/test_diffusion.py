@@ -317,10 +317,16 @@ def test_sampler_zero_head_is_analytic_chain():
     np.testing.assert_allclose(got, want, rtol=1e-4)
 
 
-def test_sampler_cfg_matches_reference():
+SAMPLER_HEADS = {"apply_fn": dm.apply_fn,  # the whole head at every step
+                 "split": dm.sampler_fns,  # embeddings + every step's modulations before the loop
+                 "split_no_mod_precompute": functools.partial(dm.sampler_fns, max_precompute_bytes=0)}
+
+
+@pytest.mark.parametrize("form", SAMPLER_HEADS)
+def test_sampler_cfg_matches_reference(form):
     head, p = init_params()
     p = random_params(scale=0.05)
-    fn = dm.apply_fn(head)
+    fn = SAMPLER_HEADS[form](head)
     zc, zu = rand((3, D), 14), rand((3, D), 15)
     rng = jax.random.key(4)
     x_init, step_noise = jax.jit(dm.sampling_noise, static_argnums=(1, 2, 3))(rng, 21, 3, C)
@@ -332,10 +338,11 @@ def test_sampler_cfg_matches_reference():
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-4)
 
 
-def test_sampler_cfg_one_equals_conditional_and_temperature_zero():
+@pytest.mark.parametrize("form", ["apply_fn", "split"])
+def test_sampler_cfg_one_equals_conditional_and_temperature_zero(form):
     head, p = init_params()
     p = random_params(scale=0.05)
-    fn = dm.apply_fn(head)
+    fn = SAMPLER_HEADS[form](head)
     zc, zu = jnp.asarray(rand((4, D), 16), jnp.float32), jnp.asarray(rand((4, D), 17), jnp.float32)
     rng = jax.random.key(5)
     cond_fn = jax.jit(lambda r, tau, noise: dm.sample(fn, p, zc, r, num_steps=20, temperature=tau, noise=noise))

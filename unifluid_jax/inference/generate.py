@@ -169,14 +169,14 @@ def _tile(x, reps: int):
 def head_sampler(config: UniFluidConfig, params, *, num_steps: int, cfg_kind: str, guided: bool):
     """`sample(k, z [R, D], rng, cfg_scale, temperature) -> token [B, C]` for AR step k (traced)."""
     c = config
-    head_fn = diffusion_lib.apply_fn(diffusion_lib.DiffusionHead(c.diffusion))
+    head_fns = diffusion_lib.sampler_fns(diffusion_lib.DiffusionHead(c.diffusion))
     head_params = params["params"]["head"]
 
     def sample(k, z, rng, cfg_scale, temperature):
         b = z.shape[0] // (2 if guided else 1)
         z_u = z[b:] if guided else None
         scale = diffusion_lib.cfg_schedule(k, c.n_img, cfg_scale, cfg_kind) if guided else 1.0
-        return diffusion_lib.sample(head_fn, head_params, z[:b], rng, num_steps=num_steps, temperature=temperature,
+        return diffusion_lib.sample(head_fns, head_params, z[:b], rng, num_steps=num_steps, temperature=temperature,
                                     cfg_scale=scale, z_uncond=z_u, in_channels=c.token_dim,
                                     schedule=c.diffusion.schedule, num_train_steps=c.diffusion.num_train_steps,
                                     learn_sigma=c.diffusion.learn_sigma, clip_x0=c.diffusion.sample_clip_x0)

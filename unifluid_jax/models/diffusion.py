@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -109,7 +109,7 @@ _xavier = nn.initializers.xavier_uniform()
 _zeros = nn.initializers.zeros_init()
 
 
-def _dense(features: int, names: tuple, dtype, name: str, kernel_init=_xavier) -> nn.Dense:
+def _dense(features: int, names: tuple, dtype, name: str | None = None, kernel_init=_xavier) -> nn.Dense:
     """Linear with zero bias (MAR's _basic_init) and logical axis names (in, out) on the kernel."""
     return nn.Dense(features, dtype=dtype, name=name,
                     kernel_init=nn.with_logical_partitioning(kernel_init, names),
@@ -152,22 +152,31 @@ class TimestepEmbedder(nn.Module):
         return _dense(self.width, ("mlp", "embed"), self.dtype, "mlp_2", init)(h)
 
 
+# The blocks are split into `modulation(y)` (the adaLN Linear(SiLU(y)): depends only on the condition) and
+# `__call__(x, mod)`, so the sampler can compute every step's modulations before its sequential loop.
+
+
 class ResBlock(nn.Module):
     """x + gate * MLP(LN(x) * (1 + scale) + shift), (shift, scale, gate) = Linear(SiLU(y))."""
     width: int
     dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, y):
-        w = self.width
-        mod = _dense(3 * w, ("embed", None), self.dtype, "adaLN_modulation", _zeros)(nn.silu(y))
+    def setup(self):
+        w, dt = self.width, self.dtype
+        self.adaLN_modulation = _dense(3 * w, ("embed", None), dt, kernel_init=_zeros)
+        self.in_ln = nn.LayerNorm(epsilon=1e-6, dtype=dt, use_fast_variance=False,
+                                  scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                                  bias_init=nn.with_logical_partitioning(_zeros, ("norm",)))
+        self.mlp_0 = _dense(w, ("embed", "mlp"), dt)
+        self.mlp_2 = _dense(w, ("mlp", "embed"), dt)
+
+    def modulation(self, y):
+        return self.adaLN_modulation(nn.silu(y))
+
+    def __call__(self, x, mod):
         shift, scale, gate = jnp.split(mod, 3, axis=-1)
-        h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, use_fast_variance=False, name="in_ln",
-                         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                         bias_init=nn.with_logical_partitioning(_zeros, ("norm",)))(x)
-        h = _dense(w, ("embed", "mlp"), self.dtype, "mlp_0")(_modulate(h, shift, scale))
-        h = _constrain(nn.silu(h), "act_batch", "act_mlp")
-        h = _dense(w, ("mlp", "embed"), self.dtype, "mlp_2")(h)
+        h = self.mlp_0(_modulate(self.in_ln(x), shift, scale))
+        h = self.mlp_2(_constrain(nn.silu(h), "act_batch", "act_mlp"))
         return _constrain(x + gate * h, "act_batch", "act_embed")
 
 
@@ -176,43 +185,103 @@ class FinalLayer(nn.Module):
     out_channels: int
     dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, y):
-        mod = _dense(2 * self.width, ("embed", None), self.dtype, "adaLN_modulation", _zeros)(nn.silu(y))
+    def setup(self):
+        dt = self.dtype
+        self.adaLN_modulation = _dense(2 * self.width, ("embed", None), dt, kernel_init=_zeros)
+        self.norm_final = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=dt,
+                                       use_fast_variance=False)
+        self.linear = _dense(self.out_channels, ("embed", None), dt, kernel_init=_zeros)
+
+    def modulation(self, y):
+        return self.adaLN_modulation(nn.silu(y))
+
+    def __call__(self, x, mod):
         shift, scale = jnp.split(mod, 2, axis=-1)
-        h = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=self.dtype,
-                         use_fast_variance=False, name="norm_final")(x)
-        return _dense(self.out_channels, ("embed", None), self.dtype, "linear", _zeros)(
-            _modulate(h, shift, scale))
+        return self.linear(_modulate(self.norm_final(x), shift, scale))
 
 
 class DiffusionHead(nn.Module):
     """x [N, C], t [N] (original step index), z [N, D] -> [N, 2C] float32: eps, then the variance
     interpolation v (~[-1, 1]); [N, C] (eps only) without learn_sigma.
 
-    Output is exactly zero at init (zero-initialised adaLN modulations and final linear, like MAR)."""
+    Output is exactly zero at init (zero-initialised adaLN modulations and final linear, like MAR).
+    __call__ = denoise(x, modulations(time_embed(t) + cond_embed(z))); `sampler_fns` uses the pieces."""
     config: DiffusionConfig
 
-    @nn.compact
-    def __call__(self, x, t, z):
+    def setup(self):
         cfg = self.config
-        dtype = _DTYPES[cfg.dtype]
-        x = _constrain(x, "act_batch", "act_channels")
-        z = _constrain(z, "act_batch", "act_embed")
-        h = _dense(cfg.width, (None, "embed"), dtype, "input_proj")(x)
-        y = TimestepEmbedder(cfg.width, cfg.freq_dim, dtype, name="time_embed")(t)
-        y = y + _dense(cfg.width, ("embed", None), dtype, "cond_embed")(z)
-        y = _constrain(y, "act_batch", "act_embed")
+        dt = _DTYPES[cfg.dtype]
+        self.input_proj = _dense(cfg.width, (None, "embed"), dt)
+        self.time_embed = TimestepEmbedder(cfg.width, cfg.freq_dim, dt)
+        self.cond_embed = _dense(cfg.width, ("embed", None), dt)
         block = nn.remat(ResBlock) if cfg.remat else ResBlock
-        for i in range(cfg.depth):
-            h = block(cfg.width, dtype, name=f"res_blocks_{i}")(h, y)
-        out = FinalLayer(cfg.width, cfg.out_channels, dtype, name="final_layer")(h, y)
+        self.res_blocks = [block(cfg.width, dt) for _ in range(cfg.depth)]
+        self.final_layer = FinalLayer(cfg.width, cfg.out_channels, dt)
+
+    def embed_time(self, t):
+        return self.time_embed(t)
+
+    def embed_cond(self, z):
+        return self.cond_embed(_constrain(z, "act_batch", "act_embed"))
+
+    def modulations(self, y) -> tuple:
+        """y [..., W] (time + condition embedding) -> one adaLN modulation per block, then the final layer's."""
+        return tuple(m.modulation(y) for m in (*self.res_blocks, self.final_layer))
+
+    def denoise(self, x, mods):
+        h = self.input_proj(_constrain(x, "act_batch", "act_channels"))
+        for block, mod in zip(self.res_blocks, mods):
+            h = block(h, mod)
+        out = self.final_layer(h, mods[-1])
         return _constrain(out.astype(jnp.float32), "act_batch", "act_channels")
+
+    def __call__(self, x, t, z):
+        y = _constrain(self.embed_time(t) + self.embed_cond(z), "act_batch", "act_embed")
+        return self.denoise(x, self.modulations(y))
 
 
 def apply_fn(head: DiffusionHead) -> Callable:
     """`head_apply_fn(params, x, t, z)` for the loss and sampler; params is the head's 'params' tree."""
     return lambda params, x, t, z: head.apply({"params": params}, x, t, z)
+
+
+class SamplerFns(NamedTuple):
+    """A head split for the sampler's sequential loop (see `sample`):
+    prepare(params, t [S] original steps in loop order, z [N, D]) -> per-step inputs, a pytree with leading S;
+    denoise(params, x [N, C], inputs of one step) -> [N, 2C] (the head output at that step)."""
+    prepare: Callable
+    denoise: Callable
+
+
+def sampler_fns(head: DiffusionHead, max_precompute_bytes: int = 256 << 20) -> SamplerFns:
+    """The fast split of `head`: the timestep MLP runs once for all S steps, the condition projection once,
+    and every step's adaLN modulations are one batched matmul before the loop (the loop keeps only the
+    x-dependent MLP). If those modulations would exceed `max_precompute_bytes` ([S, N, (3 depth + 2) W]
+    floats), only the two embeddings are precomputed and the modulations are formed inside the loop."""
+    cfg = head.config
+    call = lambda params, *a, method: head.apply({"params": params}, *a, method=method)  # noqa: E731
+
+    def prepare(params, t, z):
+        y = (call(params, t, method=DiffusionHead.embed_time)[:, None]
+             + call(params, z, method=DiffusionHead.embed_cond)[None])  # [S, N, W]
+        mod_bytes = y.size * (3 * cfg.depth + 2) * jnp.dtype(_DTYPES[cfg.dtype]).itemsize
+        return call(params, y, method=DiffusionHead.modulations) if mod_bytes <= max_precompute_bytes else y
+
+    def denoise(params, x, inputs):
+        mods = inputs if isinstance(inputs, tuple) else call(params, inputs, method=DiffusionHead.modulations)
+        return call(params, x, mods, method=DiffusionHead.denoise)
+    return SamplerFns(prepare, denoise)
+
+
+def _plain_sampler_fns(head_apply_fn: Callable) -> SamplerFns:
+    """Any `head_apply_fn(params, x, t, z)` as SamplerFns (the whole head runs at every step)."""
+    def prepare(params, t, z):
+        return t, jnp.broadcast_to(z, (t.shape[0],) + z.shape)
+
+    def denoise(params, x, inputs):
+        t, z = inputs
+        return head_apply_fn(params, x, jnp.full((x.shape[0],), t), z)
+    return SamplerFns(prepare, denoise)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -274,7 +343,7 @@ def cfg_schedule(step_k, num_tokens: int, cfg, kind: str = "linear", num_remaini
     return 1.0 + (jnp.asarray(cfg, jnp.float32) - 1.0) * (num_tokens - remaining) / num_tokens
 
 
-def sample(head_apply_fn, params, z_cond, rng, *, num_steps: int = 100, temperature=1.0, cfg_scale=1.0,
+def sample(head, params, z_cond, rng, *, num_steps: int = 100, temperature=1.0, cfg_scale=1.0,
            z_uncond=None, noise=None, in_channels: int = 16, schedule: str = "cosine",
            num_train_steps: int = 1000, learn_sigma: bool = True, clip_x0: float | None = None):
     """MAR's p_sample_loop for one token per row: z_cond [B, D] -> x_0 [B, C] (float32).
@@ -284,31 +353,33 @@ def sample(head_apply_fn, params, z_cond, rng, *, num_steps: int = 100, temperat
     the [2B] batch (cond; uncond) from the same x and uses eps_u + cfg_scale * (eps_c - eps_u) with the
     conditional variance (MAR's forward_with_cfg; its shared initial noise = one chain). `noise` [B, C]
     optionally fixes x_T. Jittable; cfg_scale and temperature may be traced.
+
+    `head`: `sampler_fns(DiffusionHead)` (fast: the x-independent part runs before the loop) or any
+    `head_apply_fn(params, x, t, z)` (run whole at every step).
     """
+    fns = head if isinstance(head, SamplerFns) else _plain_sampler_fns(head)
     diffusion = create_diffusion(num_steps, schedule, num_train_steps, learn_sigma)
     b = z_cond.shape[0]
     c = noise.shape[-1] if noise is not None else in_channels
     x, step_noise = sampling_noise(rng, diffusion.num_timesteps, b, c)
     if noise is not None:
         x = noise.astype(jnp.float32)
-    tmap = jnp.asarray(diffusion.timestep_map)
     guided = z_uncond is not None
     z = jnp.concatenate([z_cond, z_uncond], axis=0) if guided else z_cond
+    js = jnp.arange(diffusion.num_timesteps - 1, -1, -1, dtype=jnp.int32)  # loop order
+    per_step = fns.prepare(params, jnp.asarray(diffusion.timestep_map)[js], z)
 
     def step(x, inputs):
-        j, eps_noise = inputs
-        t = jnp.full((b,), j, jnp.int32)
+        j, eps_noise, head_in = inputs
         if guided:
-            out = head_apply_fn(params, jnp.concatenate([x, x], 0), jnp.full((2 * b,), tmap[j]), z)
-            out = out.astype(jnp.float32)
+            out = fns.denoise(params, jnp.concatenate([x, x], 0), head_in).astype(jnp.float32)
             eps_c, eps_u = out[:b, :c], out[b:, :c]
             out = jnp.concatenate([eps_u + cfg_scale * (eps_c - eps_u), out[:b, c:]], axis=-1)
         else:
-            out = head_apply_fn(params, x, tmap[t], z).astype(jnp.float32)
-        return diffusion.p_sample(out, x, t, eps_noise, temperature, clip_x0), None
+            out = fns.denoise(params, x, head_in).astype(jnp.float32)
+        return diffusion.p_sample(out, x, j, eps_noise, temperature, clip_x0), None
 
-    js = jnp.arange(diffusion.num_timesteps - 1, -1, -1, dtype=jnp.int32)
-    x, _ = jax.lax.scan(step, x, (js, step_noise))
+    x, _ = jax.lax.scan(step, x, (js, step_noise, per_step))
     return x
 
 
