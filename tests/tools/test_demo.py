@@ -14,6 +14,7 @@ def test_quick_demo_runs_and_resumes(tmp_path, capsys):
     assert s["vae"]["step"] == 20 and s["vae"]["psnr"] > s["vae"]["psnr_init"]
     assert {"loss", "visual_loss", "text_loss"} <= {k.split("/")[-1] for k in s["unifluid_train"]}
     assert 0.0 <= s["eval"]["geneval"]["overall"] <= 1.0
+    assert 0.0 <= s["eval"]["geneval_vae_ceiling"]["overall"] <= 1.0
     assert "cider" in s["eval"]["caption"] and "soft_accuracy" in s["eval"]["vqa"]
     for f in ("demo_summary.json", "eval/samples.png", "unifluid/checkpoints/10", "vae/vae_stats.json"):
         assert os.path.exists(os.path.join(workdir, f)), f

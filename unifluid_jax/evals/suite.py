@@ -5,6 +5,8 @@
   distance (simple shapes features, NOT Inception) between generated and real held-out t2i images;
 - captioning: CIDEr-D and exact match against the held-out captions (greedy decoding);
 - VQA: exact match and VQAv2-style soft accuracy (greedy decoding);
+- the VAE's ceiling on shapes-GenEval: scenes drawn for the same prompts, encoded and decoded by the frozen
+  VAE (generation cannot score higher than its decoder allows);
 - a PNG grid of generated samples with their prompts.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from unifluid_jax.data import pipeline, records
+from unifluid_jax.data import pipeline, records, shapes
 from unifluid_jax.data.tokenizer import Tokenizer
 from unifluid_jax.evals import cider, fid, geneval, vqa
 from unifluid_jax.inference import decode, generate
@@ -65,6 +67,15 @@ def generate_for_prompts(model: UniFluid, params, tokenizer, prompts: Sequence[s
                                            cfg_scale=cfg_scale, temperature=temperature)
         images.append(generate.to_uint8(imgs)[:n])
     return np.concatenate(images)
+
+
+def vae_roundtrip(model: UniFluid, params, images_uint8: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """uint8 images -> the frozen VAE's reconstructions (posterior mean), uint8."""
+    fn = jax.jit(lambda p, x: model.apply(p, model.apply(p, x, method=UniFluid.image_tokens),
+                                          method=UniFluid.decode_tokens))
+    out = [generate.to_uint8(fn(params, chunk.astype(np.float32) / 127.5 - 1.0))
+           for chunk in _batched(images_uint8, batch_size)]
+    return np.concatenate(out)
 
 
 def answer(model: UniFluid, params, tokenizer, images: np.ndarray, questions: Sequence[str] | None, task: str,
@@ -115,6 +126,10 @@ def evaluate(model: UniFluid, params, data_dir: str, *, out_dir: str | None = No
         real = [pipeline.load_image(r["image"], c.vae.image_size) for r in _records(data_dir, split, "t2i", 256)]
         real = ((np.stack(real) + 1.0) * 127.5).round().astype(np.uint8)
         results["fd_shapes_features"] = fid.compute_fd(fid.shapes_features, imgs, real)
+        rs = np.random.default_rng(seed)
+        drawn = np.stack([shapes.render(shapes.scene_for_spec(spec, rs, size=c.vae.image_size)) for _, spec in pairs])
+        ceiling = geneval.score_images(vae_roundtrip(model, params, drawn), [s for _, s in pairs])
+        results["geneval_vae_ceiling"] = {k: v for k, v in ceiling.items() if k not in ("detections", "correct")}
         if out_dir:
             save_grid(os.path.join(out_dir, "samples.png"), imgs[:32])
             with open(os.path.join(out_dir, "samples.txt"), "w") as f:

@@ -1,6 +1,6 @@
 """The embedded end-to-end demo (`make demo`): data -> VAE -> UniFluid -> evaluation, resumable.
 
-    python -m unifluid_jax.tools.demo --workdir=workdir/demo [--vae_steps=500 --steps=1200 --quick]
+    python -m unifluid_jax.tools.demo --workdir=workdir/demo [--vae_steps=1000 --steps=1200 --quick]
 
 Stages (each skipped when its output exists, so re-running resumes instead of starting over; the two
 training stages also resume mid-run from their checkpoints):
@@ -24,7 +24,7 @@ FLAGS = flags.FLAGS
 def _define_flags():
     """Defined only when run as a program, so importing `run` never clashes with main.py's flags."""
     flags.DEFINE_string("workdir", "workdir/demo", "output directory")
-    flags.DEFINE_integer("vae_steps", 500, "VAE training steps")
+    flags.DEFINE_integer("vae_steps", 1000, "VAE training steps")
     flags.DEFINE_integer("steps", 1200, "UniFluid training steps")
     flags.DEFINE_integer("num_train", 4000, "training scenes (each gives one record per task)")
     flags.DEFINE_bool("quick", False, "a tiny smoke run (few steps, small eval) for tests")
@@ -140,6 +140,9 @@ def _print_summary(s: dict, workdir: str) -> None:
     if "geneval" in e:
         lines.append("shapes-GenEval: " + ", ".join(f"{k}={v:.2f}" for k, v in e["geneval"].items()
                                                    if isinstance(v, float)))
+        if "geneval_vae_ceiling" in e:
+            lines.append(f"  (the VAE's ceiling: drawn scenes through the VAE score "
+                         f"{e['geneval_vae_ceiling']['overall']:.2f} overall)")
         lines.append(f"FD (shapes features, not Inception): {e['fd_shapes_features']:.3f}")
     if "caption" in e:
         lines.append(f"captions: CIDEr-D={e['caption']['cider']:.3f} exact={e['caption']['exact_match']:.2f}")
