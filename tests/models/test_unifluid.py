@@ -102,8 +102,8 @@ def test_text_dropout_leaves_bos_only(monkeypatch):
     monkeypatch.setattr(unifluid.layout, "sequence_masks", spy)
     U(cfg).apply(params, batch, jax.random.PRNGKey(0), 0, 100, method=U.loss)
     m = np.asarray(captured["text_input_mask"])
-    np.testing.assert_array_equal(m[0], [1] + [0] * 7)               # t2i: prompt dropped -> [BOS]
-    np.testing.assert_array_equal(m[1:], batch["text_input_mask"][1:])  # other tasks untouched
+    np.testing.assert_array_equal(m[[0, 3]], [[1] + [0] * 7] * 2)        # t2i, edit: prompt dropped -> [BOS]
+    np.testing.assert_array_equal(m[1:3], batch["text_input_mask"][1:3])  # caption, vqa untouched
 
 
 def test_train_step_sharded_matches_single_device(mesh1, mesh8):

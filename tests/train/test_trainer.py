@@ -6,6 +6,7 @@ import pytest
 from unifluid_jax.train import checkpoint as ckpt_lib
 from unifluid_jax.train import trainer as trainer_lib
 from tests.train import runner
+from tests.train import toy_tasks
 from tests.train.toy_tasks import linear_config
 
 
@@ -51,10 +52,13 @@ def test_grad_accumulation_is_exact(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p4, p1)
 
 
-def test_freezing_and_ema(tmp_path):
+def test_freezing_and_ema(tmp_path, monkeypatch):
     cfg = linear_config(num_steps=5)
     cfg.optimizer.frozen_regexes = ("frozen_head",)
     cfg.optimizer.ema_decay = 0.5
+    cfg.train.eval_every = 5
+    evaluated = []
+    monkeypatch.setattr(toy_tasks.Linear, "eval_fn", lambda self, p, step, w: evaluated.append(jax.device_get(p)))
     t = _run(cfg, tmp_path)
     init = jax.device_get(t.init_state(t.rng))
     final = ckpt_lib.load_numpy(tmp_path)
@@ -65,6 +69,9 @@ def test_freezing_and_ema(tmp_path):
     assert (16, 1) not in shapes and shapes.count((8, 16)) == 2
     ema = final["ema_params"]["dense/w"]
     assert not np.allclose(ema, final["params"]["dense/w"]) and not np.allclose(ema, init["params"]["dense/w"])
+    # The eval hook (like --mode=eval and the CLIs) gets the EMA weights.
+    assert len(evaluated) == 1
+    np.testing.assert_array_equal(evaluated[0]["dense/w"], ema)
 
 
 def test_nan_guard_stops_and_keeps_last_finite_checkpoint(tmp_path):

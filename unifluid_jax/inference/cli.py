@@ -39,7 +39,7 @@ def load_model(config, workdir: str):
     task = UniFluidTask(config)
     step = int(config.infer.step)
     try:
-        params = ckpt_lib.load_numpy(workdir, None if step < 0 else step)["params"]
+        params = ckpt_lib.serving_params(ckpt_lib.load_numpy(workdir, None if step < 0 else step))
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ConfigError(f"--workdir={workdir}: no usable checkpoint ({e}); train first or fix --workdir") from e
     expected = sharding.unbox_abstract(jax.eval_shape(task.init_params, jax.random.key(0)))

@@ -41,7 +41,7 @@ class UniFluidConfig:
     patch_size: int = 2                  # latent patch -> one token (SPEC 4)
     max_text_len: int = 32               # text slots L (prompt, question, answer, EOS)
     text_weight: float = 0.005           # lambda in L = L_visual + lambda * L_text
-    text_dropout: float = 0.1            # t2i prompt -> empty prompt (CFG training)
+    text_dropout: float = 0.1            # t2i prompt / edit instruction -> empty prompt (CFG training)
     edit_source: tuple[str, ...] = ("siglip",)  # how an edit's source image enters (SPEC 7: OPEN)
     order_mode: str = "annealed"         # 'annealed' | 'random' | 'raster'
     random_until: float = 0.3            # fraction of training with fully random orders
@@ -267,8 +267,9 @@ class UniFluid(nn.Module):
             k_order, b, c.n_img,
             order_lib.random_order_prob(step, total_steps, c.order_mode, c.random_until, c.raster_from))
 
-        # CFG text dropout: a dropped t2i prompt becomes the empty prompt [BOS].
-        drop = (task == layout.T2I) & (jax.random.uniform(k_drop, (b,)) < c.text_dropout)
+        # CFG text dropout: a dropped t2i prompt or edit instruction becomes the empty prompt [BOS] (an edit
+        # keeps its source image), which is exactly the unconditional branch generation guides against.
+        drop = gen_valid & (jax.random.uniform(k_drop, (b,)) < c.text_dropout)
         text_input_mask = jnp.where(drop[:, None], batch["text_input_mask"] * (jnp.arange(L) == 0),
                                     batch["text_input_mask"])
         input_mask, mask_ar = layout.sequence_masks(

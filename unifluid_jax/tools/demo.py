@@ -108,7 +108,7 @@ def run(workdir: str, *, vae_steps: int, steps: int, num_train: int, quick: bool
     else:
         _log(f"4/4 evaluating -> {eval_dir}")
         model_cfg = unifluid.config_from_dict(uf_cfg.model)
-        params = ckpt_lib.load_numpy(uf_dir)["params"]
+        params = ckpt_lib.serving_params(ckpt_lib.load_numpy(uf_dir))
         n = 8 if quick else 48
         variables = {"params": jax.tree.map(jax.numpy.asarray, params)}
         results = suite.evaluate(unifluid.UniFluid(model_cfg), variables, data_dir,

@@ -187,6 +187,12 @@ def restore_params_from(path: str, abstract_params, step: int | None = None):
     return out["state"]["params"], step
 
 
+def serving_params(state):
+    """The params to evaluate, sample from and serve: the EMA weights when the run keeps them (MAR and the
+    paper recipe evaluate the EMA), else the trained params. `state` is a train state or a loaded one."""
+    return state["ema_params"] if "ema_params" in state else state["params"]
+
+
 def load_numpy(workdir: str, step: int | None = None, item: str = "state"):
     """A saved step's item as a tree of host numpy arrays, on any device count (tools, tests, export)."""
     path = checkpoint_dir(workdir) if (epath.Path(absolute(workdir)) / "checkpoints").exists() \

@@ -370,9 +370,9 @@ class Trainer:
                     self._save(ckpt, step, state, data_iter, config_dict)
                     last_saved = step
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                    hooks.run("eval", state["params"], step, writer)
+                    hooks.run("eval", ckpt_lib.serving_params(state), step, writer)
                 if cfg.train.sample_every and step % cfg.train.sample_every == 0:
-                    hooks.run("sample", state["params"], step, writer)
+                    hooks.run("sample", ckpt_lib.serving_params(state), step, writer)
             if last_saved != step:
                 self._save(ckpt, step, state, data_iter, config_dict, force=True)
             ckpt.close()
