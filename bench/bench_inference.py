@@ -118,7 +118,7 @@ def main():
             fn = G._compiled(cfg, num_steps=args.steps, cfg_kind="linear", guided=guided, use_cache=use_cache,
                              return_cond=False)
             sec, comp, (tokens, _) = timed(fn, *inputs, repeat=rep)
-            vae[use_cache], _, _ = timed(G._decoder(cfg), params, tokens, repeat=rep)
+            vae[use_cache], _, _ = timed(G._decoder(cfg, G.default_decode_chunk()), params, tokens, repeat=rep)
             res[use_cache] = sec + vae[use_cache]
             with no_head():
                 fn = jax.jit(functools.partial(G._generate, model, num_steps=2, cfg_kind="linear", guided=guided,

@@ -276,22 +276,36 @@ def _compiled(config: UniFluidConfig, **static):
     return jax.jit(functools.partial(_generate, UniFluid(config), **static))
 
 
+def default_decode_chunk() -> int:
+    """1 on a CPU (one 256 px image's activations stay in cache: 16 images decode 1.75x faster one at a time
+    than as one batch), 0 = the whole batch at once elsewhere (accelerators want the batch)."""
+    return 1 if jax.default_backend() == "cpu" else 0
+
+
 @functools.lru_cache(maxsize=8)
-def _decoder(config: UniFluidConfig):
-    """VAE decode as its own program: shared by every generation variant (compiled once per shape)."""
+def _decoder(config: UniFluidConfig, chunk: int = 0):
+    """VAE decode as its own program, shared by every generation variant (compiled once per shape); `chunk` > 0
+    decodes that many images at a time (lax.map), 0 the whole batch."""
     model = UniFluid(config)
-    return jax.jit(lambda params, tokens: apply(model, params, UniFluid.decode_tokens, tokens))
+
+    def decode(params, tokens):
+        return apply(model, params, UniFluid.decode_tokens, tokens)
+    if chunk <= 0:
+        return jax.jit(decode)
+    return jax.jit(lambda params, tokens: jax.lax.map(lambda t: decode(params, t[None])[0], tokens,
+                                                      batch_size=chunk))
 
 
 def generate_images(model: UniFluid, params, batch: dict[str, Any] | Sequence, rng, *, num_steps: int = 100,
                     temperature: float = 1.0, cfg_scale: float = 1.0, cfg_schedule: str = "linear",
                     order: str = "raster", use_cache: bool = True, guided: bool | None = None,
-                    return_aux: bool = False, tokenizer=None):
+                    return_aux: bool = False, tokenizer=None, decode_chunk: int | None = None):
     """Generates one image per prompt row of `batch` (from `prompt_batch`; a plain list of t2i prompts, strings
     with `tokenizer` or id lists, is laid out here). Returns (images [B, G, G, 3] in
     about [-1, 1], tokens [B, n, C] in raster order), plus an aux dict if `return_aux` (order [B, n],
     tokens_in_order, cond [R, n, D]: the condition z of every step for every transformer row).
 
+    `decode_chunk`: images per VAE decode call (None: `default_decode_chunk()`; 0: the whole batch).
     cfg_scale / temperature may change without recompiling. `guided` (default: cfg_scale != 1) runs the
     unconditional branch; `order` is 'raster' or 'random' (a per-example permutation drawn from `rng`).
     Same rng -> same images; the cached and uncached paths draw identical noise.
@@ -325,7 +339,8 @@ def generate_images(model: UniFluid, params, batch: dict[str, Any] | Sequence, r
     params = nn.unbox(params)
     tokens, aux = fn(params, batch, rng, jnp.float32(cfg_scale), jnp.float32(temperature),
                      jnp.float32(order == "random"))
-    images = _decoder(model.config)(params, tokens)
+    chunk = default_decode_chunk() if decode_chunk is None else int(decode_chunk)
+    images = _decoder(model.config, chunk)(params, tokens)
     return (images, tokens, aux) if return_aux else (images, tokens)
 
 
