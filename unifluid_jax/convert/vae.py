@@ -1,14 +1,18 @@
-"""diffusers AutoencoderKL <-> project VAE params (both directions, exact).
+"""diffusers AutoencoderKL and original LDM / CompVis / SD-format KL-VAE <-> project VAE params (both ways, exact).
 
 The project tree mirrors diffusers' module names ('.<i>' -> '_<i>'), so each tensor maps by rule:
 conv weight OIHW <-> kernel HWIO, linear weight (O,I) <-> kernel (I,O), GroupNorm weight <-> scale.
+Original LDM / CompVis checkpoints (`first_stage_model.*` in SD's model.ckpt, bare `encoder.down.0.block.0...` in
+autoencoder checkpoints) rename the same tensors (see `_ldm_key`) and store the mid attention as 1x1 convs.
 The small checked-assignment helpers at the top are shared with convert/siglip.py.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -35,24 +39,39 @@ def to_numpy(t) -> np.ndarray:
     return np.asarray(t)
 
 
+def read_weights_file(path: str) -> dict[str, np.ndarray]:
+    """One .safetensors file or torch pickle (.bin/.pt/.ckpt) -> {name: numpy}. Lightning checkpoints keep the
+    weights under 'state_dict', MAR's under 'model'; non-tensor entries are dropped."""
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+        return load_file(path)
+    import torch
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # Lightning .ckpt files pickle callback objects too
+        warnings.warn(f"{path} does not load with weights_only=True ({str(e).splitlines()[0]}); unpickling it in "
+                      "full, which runs code from the file: use only trusted checkpoints", stacklevel=2)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+    return {k: to_numpy(v) for k, v in obj.items() if hasattr(v, "shape")}
+
+
 def read_state_dict(folder: str, names: Sequence[str]) -> dict[str, np.ndarray]:
     """The first existing weights file of `names` in a save_pretrained folder (sharded safetensors too)."""
     for name in names:
         path = os.path.join(folder, name)
-        if name.endswith(".index.json") and os.path.exists(path):
-            from safetensors.numpy import load_file
+        if not os.path.exists(path):
+            continue
+        if name.endswith(".index.json"):
             with open(path) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
             out = {}
             for s in shards:
-                out.update(load_file(os.path.join(folder, s)))
+                out.update(read_weights_file(os.path.join(folder, s)))
             return out
-        if name.endswith(".safetensors") and os.path.exists(path):
-            from safetensors.numpy import load_file
-            return load_file(path)
-        if name.endswith(".bin") and os.path.exists(path):
-            import torch
-            return {k: to_numpy(v) for k, v in torch.load(path, map_location="cpu").items()}
+        return read_weights_file(path)
     raise FileNotFoundError(f"no weights file ({', '.join(names)}) in {folder}")
 
 
@@ -158,17 +177,24 @@ def from_diffusers(state_dict: Mapping[str, object], cfg: vae_lib.VAEConfig) -> 
     return {"params": assign_checked(exp, _entries(exp), sd, "VAE from diffusers")}
 
 
-def to_diffusers(params, cfg: vae_lib.VAEConfig) -> dict[str, np.ndarray]:
-    """Project params -> diffusers AutoencoderKL state dict of numpy arrays (load with strict=True)."""
+def _export(params, cfg: vae_lib.VAEConfig, entries: Callable[[dict], list[Entry]], what: str):
     flat = traverse_util.flatten_dict(nn.unbox(params.get("params", params)))
     exp = _expected(cfg)
     for path, s in exp.items():
         got = flat.get(path)
         if got is None or tuple(got.shape) != s.shape:
-            raise ValueError(f"VAE to diffusers: param {'/'.join(path)} has shape "
+            raise ValueError(f"{what}: param {'/'.join(path)} has shape "
                              f"{None if got is None else tuple(got.shape)}, the config expects {s.shape}")
+    extra = sorted(set(flat) - set(exp))
+    if extra:  # would be dropped silently: the params were made for a bigger config
+        raise ValueError(f"{what}: {len(extra)} param(s) the config does not have, first {'/'.join(extra[0])}")
     return {key: np.ascontiguousarray(bwd(np.asarray(flat[path], np.float32)))
-            for path, key, _, bwd in _entries(exp)}
+            for path, key, _, bwd in entries(exp)}
+
+
+def to_diffusers(params, cfg: vae_lib.VAEConfig) -> dict[str, np.ndarray]:
+    """Project params -> diffusers AutoencoderKL state dict of numpy arrays (load with strict=True)."""
+    return _export(params, cfg, _entries, "VAE to diffusers")
 
 
 def diffusers_config(cfg: vae_lib.VAEConfig) -> dict:
@@ -221,3 +247,67 @@ def save_diffusers(params, cfg: vae_lib.VAEConfig, folder: str) -> None:
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump({"_class_name": "AutoencoderKL", **diffusers_config(cfg)}, f, indent=2)
     save_file(to_diffusers(params, cfg), os.path.join(folder, _WEIGHT_FILES[0]))
+
+
+# --- original LDM / CompVis / SD format --------------------------------------------------------------------
+
+_LDM_PREFIX = "first_stage_model."  # the VAE inside a full LDM / SD checkpoint
+_LDM_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")  # other keys (loss.*, ...) are not VAE
+_LDM_RENAME = {"downsamplers_0": "downsample", "upsamplers_0": "upsample", "mid_block": "mid",
+               "attentions_0": "attn_1", "group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
+               "to_out_0": "proj_out", "conv_shortcut": "nin_shortcut", "conv_norm_out": "norm_out",
+               "kernel": "weight", "scale": "weight"}
+
+
+def _ldm_key(path: Path, levels: int) -> str:
+    parts = []
+    for i, p in enumerate(path):
+        m = re.fullmatch(r"(down_blocks|up_blocks|resnets)_(\d+)", p)
+        if m is None:
+            parts.append(_LDM_RENAME.get(p, p))
+        elif m[1] == "down_blocks":
+            parts.append(f"down.{m[2]}")
+        elif m[1] == "up_blocks":  # LDM numbers decoder levels by resolution, diffusers in execution order
+            parts.append(f"up.{levels - 1 - int(m[2])}")
+        elif path[i - 1] == "mid_block":
+            parts.append(f"block_{int(m[2]) + 1}")
+        else:
+            parts.append(f"block.{m[2]}")
+    return ".".join(parts)
+
+
+def _ldm_entries(expected, levels: int) -> list[Entry]:
+    out = []
+    for path, _, fwd, bwd in _entries(expected):
+        if path[-1] == "kernel" and path[-2] in _LINEAR:  # LDM attention q/k/v/proj_out: 1x1 conv [O, I, 1, 1]
+            fwd, bwd = (lambda w: conv_to_hwio(w)[0, 0]), (lambda k: conv_to_oihw(k[None, None]))
+        out.append((path, _ldm_key(path, levels), fwd, bwd))
+    return out
+
+
+def params_from_ldm(state_dict: Mapping[str, object], cfg: vae_lib.VAEConfig) -> dict:
+    """Original-format KL-VAE state dict (bare, or the `first_stage_model.*` part of a full LDM / SD checkpoint;
+    loss.* and other non-VAE keys are ignored) -> project params {'params': ...}."""
+    prefix = _LDM_PREFIX if any(k.startswith(_LDM_PREFIX) for k in state_dict) else ""
+    sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    what = f"VAE from LDM{f' (keys under {prefix!r})' if prefix else ''}"
+    level_attn = [k for k in sd if re.match(r"(encoder\.down|decoder\.up)\.\d+\.attn\.", k)]
+    if level_attn:
+        raise ValueError(f"{what}: checkpoint tensor {level_attn[0]!r} is an attention block inside a resolution "
+                         "level (LDM attn_resolutions); the project VAE has attention only in the mid blocks")
+    exp = _expected(cfg)
+    return {"params": assign_checked(exp, _ldm_entries(exp, len(cfg.channel_mult)), sd, what,
+                                     ignore=lambda k: not k.startswith(_LDM_PARTS))}
+
+
+def params_to_ldm(params, cfg: vae_lib.VAEConfig, prefix: str = "") -> dict[str, np.ndarray]:
+    """Project params -> original-format state dict of numpy arrays (prefix='first_stage_model.' for a full
+    LDM / SD checkpoint)."""
+    sd = _export(params, cfg, lambda exp: _ldm_entries(exp, len(cfg.channel_mult)), "VAE to LDM")
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def load_ldm_checkpoint(path: str, cfg: vae_lib.VAEConfig) -> dict:
+    """An original-format .ckpt / .pt / .pth / .bin / .safetensors file (an LDM autoencoder checkpoint, SD's
+    model.ckpt) -> project params {'params': ...}. The file carries no config: `cfg` must match it."""
+    return params_from_ldm(read_weights_file(path), cfg)
