@@ -195,7 +195,8 @@ def test_load_ldm_checkpoint_files(tmp_path, ldm_and_converted):
     torch.save({"state_dict": tensors, "global_step": 7}, tmp_path / "model.ckpt")  # weights_only loads it
     _equal_trees(convert.load_ldm_checkpoint(str(tmp_path / "model.ckpt"), CFG), want)
     torch.save({"state_dict": tensors, "callbacks": {"cb": _Callback()}}, tmp_path / "lightning.ckpt")
-    with pytest.warns(UserWarning, match="weights_only=True"):
-        _equal_trees(convert.load_ldm_checkpoint(str(tmp_path / "lightning.ckpt"), CFG), want)
+    with pytest.raises(ValueError, match="trust_pickle=True"):
+        convert.load_ldm_checkpoint(str(tmp_path / "lightning.ckpt"), CFG)
+    _equal_trees(convert.load_ldm_checkpoint(str(tmp_path / "lightning.ckpt"), CFG, trust_pickle=True), want)
     torch.save({"model": {k: torch.from_numpy(v.copy()) for k, v in ldm.items()}}, tmp_path / "kl.ckpt")  # MAR
     _equal_trees(convert.load_ldm_checkpoint(str(tmp_path / "kl.ckpt"), CFG), want)

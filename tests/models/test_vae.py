@@ -102,6 +102,23 @@ def test_logvar_clamped(reference):
         np.testing.assert_array_equal(logvar, clamp)
 
 
+def test_group_norm_matches_torch():
+    """The einsum GroupNorm against torch.nn.GroupNorm (offset, scaled inputs: two-pass statistics matter)."""
+    r = np.random.default_rng(0)
+    x = (3.0 + 2.0 * r.standard_normal((2, 6, 5, 16))).astype(np.float32)
+    scale, bias = r.standard_normal(16).astype(np.float32), r.standard_normal(16).astype(np.float32)
+    ref = torch.nn.GroupNorm(4, 16, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(scale))
+        ref.bias.copy_(torch.from_numpy(bias))
+        want = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    gn = vae.GroupNorm(4, 1e-6)
+    got = gn.apply({"params": {"scale": scale, "bias": bias}}, x)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    bf16 = vae.GroupNorm(4, 1e-6, dtype=jnp.bfloat16).apply({"params": {"scale": scale, "bias": bias}}, x)
+    assert bf16.dtype == jnp.bfloat16 and np.abs(np.asarray(bf16, np.float32) - want).max() < 0.05
+
+
 def test_presets_shapes():
     for name, size, latent in [("sd_kl_f8", 256, (32, 32, 4)), ("tiny_f4", 64, (16, 16, 4)),
                                ("tiny_f8", 64, (8, 8, 4))]:

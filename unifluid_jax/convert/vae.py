@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import re
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -39,18 +38,22 @@ def to_numpy(t) -> np.ndarray:
     return np.asarray(t)
 
 
-def read_weights_file(path: str) -> dict[str, np.ndarray]:
+def read_weights_file(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
     """One .safetensors file or torch pickle (.bin/.pt/.ckpt) -> {name: numpy}. Lightning checkpoints keep the
-    weights under 'state_dict', MAR's under 'model'; non-tensor entries are dropped."""
+    weights under 'state_dict', MAR's under 'model'; non-tensor entries are dropped. A pickle that torch's
+    weights_only loader refuses (Lightning .ckpt files pickle callback objects) loads only with
+    `trust_pickle=True`, since full unpickling runs code from the file."""
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
         return load_file(path)
     import torch
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # Lightning .ckpt files pickle callback objects too
-        warnings.warn(f"{path} does not load with weights_only=True ({str(e).splitlines()[0]}); unpickling it in "
-                      "full, which runs code from the file: use only trusted checkpoints", stacklevel=2)
+    except pickle.UnpicklingError as e:
+        if not trust_pickle:
+            raise ValueError(f"{path} does not load with torch.load(weights_only=True) ({str(e).splitlines()[0]}); "
+                             "if you trust the file, pass trust_pickle=True (full unpickling runs code from it), "
+                             "or re-save its state dict as .safetensors") from e
         obj = torch.load(path, map_location="cpu", weights_only=False)
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
@@ -307,7 +310,8 @@ def params_to_ldm(params, cfg: vae_lib.VAEConfig, prefix: str = "") -> dict[str,
     return {prefix + k: v for k, v in sd.items()}
 
 
-def load_ldm_checkpoint(path: str, cfg: vae_lib.VAEConfig) -> dict:
+def load_ldm_checkpoint(path: str, cfg: vae_lib.VAEConfig, trust_pickle: bool = False) -> dict:
     """An original-format .ckpt / .pt / .pth / .bin / .safetensors file (an LDM autoencoder checkpoint, SD's
-    model.ckpt) -> project params {'params': ...}. The file carries no config: `cfg` must match it."""
-    return params_from_ldm(read_weights_file(path), cfg)
+    model.ckpt) -> project params {'params': ...}. The file carries no config: `cfg` must match it.
+    `trust_pickle`: see read_weights_file (Lightning .ckpt files need it)."""
+    return params_from_ldm(read_weights_file(path, trust_pickle), cfg)

@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from unifluid_jax.config import check, check_choice, check_positive, from_presets
 
@@ -117,11 +118,36 @@ def _conv(cfg, features, kernel, name, stride=1, padding=None, in_name="conv_in"
                    bias_init=_init(nn.initializers.zeros, (out_name,)))
 
 
+class GroupNorm(nn.Module):
+    """torch's GroupNorm (two-pass statistics in float32, affine per channel) with its sums written as
+    einsums: on a CPU, XLA reduces over the spatial axes ~3x slower than it runs the same sums as matrix
+    products (256x256x32: 13 ms -> 4.4 ms), and GroupNorm was a quarter of the VAE decode. Params 'scale' and
+    'bias' as flax's nn.GroupNorm. Letters: B batch, S positions (H*W), C channels, G groups."""
+    num_groups: int
+    epsilon: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        scale = self.param("scale", _init(nn.initializers.ones, ("norm",)), (c,), self.param_dtype)
+        bias = self.param("bias", _init(nn.initializers.zeros, ("norm",)), (c,), self.param_dtype)
+        xf = x.astype(jnp.float32).reshape(b, h * w, c)
+        group = (np.arange(c)[:, None] // (c // self.num_groups) == np.arange(self.num_groups)[None])
+        group = jnp.asarray(group, jnp.float32)  # [C, G]: channel c belongs to group g
+        ones = jnp.ones((h * w,), jnp.float32)
+        n = h * w * (c // self.num_groups)
+        mean = jnp.einsum("BSC,S,CG->BG", xf, ones, group) / n
+        d = xf - jnp.einsum("BG,CG->BC", mean, group)[:, None]
+        var = jnp.einsum("BSC,S,CG->BG", d * d, ones, group) / n
+        inv = jnp.einsum("BG,CG->BC", jax.lax.rsqrt(var + self.epsilon), group)[:, None]
+        y = (d * inv).reshape(b, h, w, c) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
 def _norm(cfg, name):
-    return nn.GroupNorm(num_groups=cfg.norm_groups, epsilon=cfg.norm_eps, use_fast_variance=False,
-                        dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name,
-                        scale_init=_init(nn.initializers.ones, ("norm",)),
-                        bias_init=_init(nn.initializers.zeros, ("norm",)))
+    return GroupNorm(cfg.norm_groups, cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name=name)
 
 
 def _constrain(x):
