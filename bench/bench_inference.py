@@ -8,7 +8,9 @@ between transformer and diffusion head, and text-decoding tokens/s.
 Times exclude compilation (each program is compiled ahead of time, then run; best of 2 except the long
 uncached runs). The split is measured directly: "transformer only" is the generation program with the head
 sampler replaced by zeros, "head" runs the same n sequential diffusion samplings on fixed conditions (2B
-rows with CFG), "VAE decode" is the separate decode program. Random weights; timings do not depend on them.
+rows with CFG), "VAE decode" is the separate decode program. Side by side in the same run: the diffusion head
+split (x-independent part before the step loop) against the whole head at every step, and the VAE decode one
+image at a time against the whole batch. Random weights; timings do not depend on them.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import argparse
 import contextlib
 import functools
 import time
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -25,6 +28,7 @@ import numpy as np
 from unifluid_jax import presets
 from unifluid_jax.inference import decode as D
 from unifluid_jax.inference import generate as G
+from unifluid_jax.models import diffusion as diffusion_lib
 from unifluid_jax.models import unifluid
 
 
@@ -53,9 +57,17 @@ def timed(fn, *args, repeat: int = 1):
     return best, comp, out
 
 
-def head_only(config, params, rows, num_steps, guided):
+def whole_head_sampler(config, params, **kw):
+    """The sampler as before the head split: the whole head (time MLP, condition projection, adaLN
+    modulations) runs at every diffusion step. Same samples; for the side-by-side timing only."""
+    with mock.patch.object(diffusion_lib, "sampler_fns", diffusion_lib.apply_fn):
+        return G.head_sampler(config, params, **kw)
+
+
+def head_only(config, params, rows, num_steps, guided, make_sampler=None):
     """n sequential diffusion samplings on fixed conditions, exactly as in the generation loop."""
-    sample = G.head_sampler(config, params, num_steps=num_steps, cfg_kind="linear", guided=guided)
+    sample = (make_sampler or G.head_sampler)(config, params, num_steps=num_steps, cfg_kind="linear",
+                                              guided=guided)
 
     def run(params, z, rng):
         def body(k, acc):
@@ -129,9 +141,15 @@ def main():
                   f"{trans[use_cache]:.2f}s, VAE decode {vae[use_cache]:.2f}s")
         fn, hargs = head_only(cfg, params, (2 if guided else 1) * b, args.steps, guided)
         head, _, _ = timed(fn, *hargs, repeat=2)
+        fn, hargs = head_only(cfg, params, (2 if guided else 1) * b, args.steps, guided, whole_head_sampler)
+        whole_head, _, _ = timed(fn, *hargs, repeat=2)
+        batched_vae, _, _ = timed(G._decoder(cfg, 0), params, tokens, repeat=2)
         line = (f"  B={b:3d} cached split: transformer {trans[True]:.2f}s ({100 * trans[True] / res[True]:.0f}%), "
                 f"diffusion head {head:.2f}s ({100 * head / res[True]:.0f}%), VAE decode {vae[True]:.2f}s "
                 f"({100 * vae[True] / res[True]:.0f}%)")
+        line += (f"\n         side by side: head split {head:.2f}s vs whole head every step {whole_head:.2f}s "
+                 f"({whole_head / head:.1f}x); VAE decode one image at a time {vae[True]:.2f}s vs whole batch "
+                 f"{batched_vae:.2f}s")
         if False in res:
             tok = {k: res[k] - vae[k] for k in res}  # token generation: transformer + head, no VAE decode
             line += (f"\n         KV cache speed-up: end-to-end {res[False] / res[True]:.1f}x, token generation "

@@ -14,6 +14,10 @@ from unifluid_jax.train import sharding
 
 from tests.models.unifluid_fixtures import make_batch, tiny_config
 
+# One xdist worker for the whole module: its module-scoped fixture (a compiled init / a trained run) is
+# then built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("models_unifluid")
+
 U = unifluid.UniFluid
 
 
