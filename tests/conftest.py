@@ -33,3 +33,9 @@ def shapes_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes")
     build_shapes.build(str(out), size=64, num_train=256, num_val=64, num_test=32, num_shards=1, num_geneval=4)
     return str(out)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (stable otherwise): xdist hands out single tests in collection order, and the demo
+    test, collected near the end, would otherwise run alone while the other worker idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

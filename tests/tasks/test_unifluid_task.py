@@ -20,6 +20,7 @@ def _config(shapes_dir, **kw):
     return cfg
 
 
+@pytest.mark.slow
 def test_trains_on_mixed_batches(shapes_dir, tmp_path):
     cfg = _config(shapes_dir, mesh=dict(data=2, fsdp=2, tensor=2))
     summary = trainer.Trainer(cfg, str(tmp_path)).run()

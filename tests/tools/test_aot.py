@@ -60,6 +60,7 @@ def test_tiny_lm_compiles_for_tpu():
 
 @pytest.mark.slow  # ~40 s of XLA:TPU compile on 2 cores (VAE + SigLIP + Gemma + head in one step)
 @needs_tpu
+@pytest.mark.slow
 def test_tiny_unifluid_compiles_for_tpu(tmp_path):
     # The data dir is only named (config validation); nothing is opened until Trainer.run().
     cfg = runner.load_config("configs/unifluid_tiny.py", f"data={tmp_path / 'absent'}")
