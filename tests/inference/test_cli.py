@@ -12,12 +12,12 @@ from unifluid_jax.config import ConfigError
 from unifluid_jax.data import records
 from unifluid_jax.train import trainer
 
-# One xdist worker for the whole module: its module-scoped fixture (a compiled init / a trained run) is
-# then built once, not once per worker.
+# One xdist worker for the whole module: its session fixture (a compiled init / a trained run) is then
+# built once, not once per worker.
 pytestmark = pytest.mark.xdist_group("inference_cli")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session, not module: slow-first ordering may split the module
 def run_dir(shapes_dir, tmp_path_factory):
     cfg = _config(shapes_dir)
     workdir = str(tmp_path_factory.mktemp("run"))

@@ -14,8 +14,8 @@ from unifluid_jax.train import sharding
 
 from tests.models.unifluid_fixtures import make_batch, tiny_config
 
-# One xdist worker for the whole module: its module-scoped fixture (a compiled init / a trained run) is
-# then built once, not once per worker.
+# One xdist worker for the whole module: its session fixture (a compiled init / a trained run) is then
+# built once, not once per worker.
 pytestmark = pytest.mark.xdist_group("models_unifluid")
 
 U = unifluid.UniFluid
@@ -25,7 +25,7 @@ def _init(cfg, batch, seed=0):
     return nn.unbox(U(cfg).init(jax.random.PRNGKey(seed), batch, method=U.init_all))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session, not module: slow-first ordering may split the module
 def setup():
     cfg = tiny_config()
     batch = make_batch()
