@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -69,10 +70,15 @@ def generate_for_prompts(model: UniFluid, params, tokenizer, prompts: Sequence[s
     return np.concatenate(images)
 
 
+@functools.lru_cache(maxsize=4)
+def _roundtrip_fn(model: UniFluid):  # cached: periodic evals reuse the compiled program
+    return jax.jit(lambda p, x: model.apply(p, model.apply(p, x, method=UniFluid.image_tokens),
+                                            method=UniFluid.decode_tokens))
+
+
 def vae_roundtrip(model: UniFluid, params, images_uint8: np.ndarray, batch_size: int = 16) -> np.ndarray:
     """uint8 images -> the frozen VAE's reconstructions (posterior mean), uint8."""
-    fn = jax.jit(lambda p, x: model.apply(p, model.apply(p, x, method=UniFluid.image_tokens),
-                                          method=UniFluid.decode_tokens))
+    fn = _roundtrip_fn(model)
     out = [generate.to_uint8(fn(params, chunk.astype(np.float32) / 127.5 - 1.0))
            for chunk in _batched(images_uint8, batch_size)]
     return np.concatenate(out)

@@ -173,6 +173,10 @@ class ResBlock(nn.Module):
     def modulation(self, y):
         return self.adaLN_modulation(nn.silu(y))
 
+    def from_condition(self, x, y):
+        """The whole block from the condition y (training; the unit `remat` rematerialises, modulation included)."""
+        return self(x, self.modulation(y))
+
     def __call__(self, x, mod):
         shift, scale, gate = jnp.split(mod, 3, axis=-1)
         h = self.mlp_0(_modulate(self.in_ln(x), shift, scale))
@@ -205,7 +209,8 @@ class DiffusionHead(nn.Module):
     interpolation v (~[-1, 1]); [N, C] (eps only) without learn_sigma.
 
     Output is exactly zero at init (zero-initialised adaLN modulations and final linear, like MAR).
-    __call__ = denoise(x, modulations(time_embed(t) + cond_embed(z))); `sampler_fns` uses the pieces."""
+    __call__ = denoise(x, modulations(time_embed(t) + cond_embed(z))) (with remat, each block recomputes its
+    modulation in the backward pass); `sampler_fns` uses the pieces."""
     config: DiffusionConfig
 
     def setup(self):
@@ -214,7 +219,7 @@ class DiffusionHead(nn.Module):
         self.input_proj = _dense(cfg.width, (None, "embed"), dt)
         self.time_embed = TimestepEmbedder(cfg.width, cfg.freq_dim, dt)
         self.cond_embed = _dense(cfg.width, ("embed", None), dt)
-        block = nn.remat(ResBlock) if cfg.remat else ResBlock
+        block = nn.remat(ResBlock, methods=["from_condition"]) if cfg.remat else ResBlock
         self.res_blocks = [block(cfg.width, dt) for _ in range(cfg.depth)]
         self.final_layer = FinalLayer(cfg.width, cfg.out_channels, dt)
 
@@ -237,7 +242,11 @@ class DiffusionHead(nn.Module):
 
     def __call__(self, x, t, z):
         y = _constrain(self.embed_time(t) + self.embed_cond(z), "act_batch", "act_embed")
-        return self.denoise(x, self.modulations(y))
+        h = self.input_proj(_constrain(x, "act_batch", "act_channels"))
+        for block in self.res_blocks:
+            h = block.from_condition(h, y)
+        out = self.final_layer(h, self.final_layer.modulation(y))
+        return _constrain(out.astype(jnp.float32), "act_batch", "act_channels")
 
 
 def apply_fn(head: DiffusionHead) -> Callable:
