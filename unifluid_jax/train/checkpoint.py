@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from unifluid_jax.config import check, check_positive
+from unifluid_jax.checks import check, check_positive
 
 log = logging.getLogger(__name__)
 

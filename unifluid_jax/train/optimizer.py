@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from unifluid_jax.config import ConfigError, check, check_choice, check_positive
+from unifluid_jax.checks import ConfigError, check, check_choice, check_positive
 from unifluid_jax.train import sharding
 
 # Never decayed, whatever the config says (paper/MAR recipe: biases, norms and 1-D params).

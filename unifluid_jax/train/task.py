@@ -29,7 +29,7 @@ import abc
 import importlib
 from typing import Any, Callable, Iterator, Mapping
 
-from unifluid_jax.config import ConfigError
+from unifluid_jax.checks import ConfigError
 
 Batch = Mapping[str, Any]
 

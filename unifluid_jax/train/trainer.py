@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from unifluid_jax.config import check, check_choice, check_positive
+from unifluid_jax.checks import check, check_choice, check_positive
 from unifluid_jax.train import checkpoint as ckpt_lib
 from unifluid_jax.train import metrics as metrics_lib
 from unifluid_jax.train import optimizer as opt_lib
