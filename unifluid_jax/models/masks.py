@@ -7,6 +7,8 @@ The sliding window of local layers is applied inside the Gemma layers (from posi
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -18,6 +20,25 @@ def make_attention_mask(input_mask, mask_ar) -> jax.Array:
     allowed = blocks[:, None, :] <= blocks[:, :, None]
     valid = input_mask[:, None, :] & input_mask[:, :, None]
     return allowed & valid
+
+
+class SegmentMask(NamedTuple):
+    """The attention mask in its compact form, for rows that may pack several examples.
+
+    `segment_ids` [B, T] int: 1-based example index within the row, 0 = padding. `mask_ar` [B, T] as above.
+    Query t may attend to key s iff both are in the same (non-padding) example and
+    `cumsum(mask_ar)[s] <= cumsum(mask_ar)[t]`. A row with one example and `segment_ids = input_mask` is the
+    fixed layout: `dense()` then equals `make_attention_mask(input_mask, mask_ar)`.
+    Gemma layers take either this or a dense [B, T, S] mask; the splash attention kernel needs this form.
+    """
+    segment_ids: jax.Array
+    mask_ar: jax.Array
+
+    def dense(self) -> jax.Array:
+        """[B, T, T] bool, rows = queries, columns = keys."""
+        seg = jnp.asarray(self.segment_ids).astype(jnp.int32)
+        same = (seg[:, None, :] == seg[:, :, None]) & (seg != 0)[:, :, None]
+        return same & make_attention_mask(jnp.ones(seg.shape, bool), self.mask_ar)
 
 
 def positions_from_mask(input_mask) -> jax.Array:
