@@ -56,17 +56,16 @@ Determinism: the iterator's `get_state()` / `set_state()` (grain) restores to ex
 """
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
 import ml_collections
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from unifluid_jax.config import check, check_choice, check_positive
-from unifluid_jax.data import layout, records
+from unifluid_jax.data import images, layout, records
 from unifluid_jax.data.tokenizer import Tokenizer
 
 SKIP_REASONS = ("bad_record", "bad_task", "missing_field", "empty_text", "too_long", "bad_image", "bad_latent")
@@ -74,9 +73,8 @@ LATENT_MODES = ("", "sample", "mean")
 STAT_KEYS = ("num_skipped",)
 EDIT_SOURCES = ("siglip", "vae")
 SOURCE_KINDS = ("array_record", "tfds")
-RESAMPLING = {"nearest": Image.Resampling.NEAREST, "box": Image.Resampling.BOX,
-              "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-              "lanczos": Image.Resampling.LANCZOS}
+RESAMPLING = images.RESAMPLING
+_SKIP_LOG = records.SkipLog("data pipeline")  # rate-limited: record id + reason of skipped records
 
 
 class DataError(ValueError):
@@ -196,26 +194,13 @@ def batch_spec(cfg, batch_size: int | None = None) -> dict[str, tuple[tuple[int,
 
 def load_image(data, size: int, resample: str = "bicubic") -> np.ndarray:
     """Encoded bytes (or an HxWx3 uint8 array) -> [size, size, 3] float32 in [-1, 1] (resize shorter side,
-    centre crop). Raises OSError / ValueError on undecodable input."""
-    if isinstance(data, np.ndarray):
-        img = Image.fromarray(data.astype(np.uint8))
-    else:
-        img = Image.open(io.BytesIO(data))
-        if img.format == "JPEG":
-            img.draft("RGB", (size, size))  # decode at reduced scale when much larger: big speedup
-        img.load()  # forces the full decode: truncated / corrupt bytes raise here
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    if img.size != (size, size):
-        img = ImageOps.fit(img, (size, size), method=RESAMPLING[resample])
-    x = np.asarray(img).astype(np.float32)
-    x *= 2.0 / 255.0
-    x -= 1.0
-    return x
+    centre crop), with the decode / validate rules of data/images.py (16-bit, EXIF orientation, bombs,
+    truncation). Raises images.ImageError (a ValueError) on unusable input."""
+    return images.load(data, size, resample)
 
 
-def _skip(reason: str) -> dict:
-    return {"_skip": SKIP_REASONS.index(reason)}
+def _skip(reason: str, why: str = "") -> dict:
+    return {"_skip": SKIP_REASONS.index(reason), "_why": why}
 
 
 class ExampleFn:
@@ -287,6 +272,12 @@ class ExampleFn:
         return mean
 
     def __call__(self, raw, rng: np.random.Generator | None = None) -> dict:
+        ex = self._example(raw, rng)
+        if "_skip" in ex:  # the id travels with the marker, for the skip log
+            ex["_id"] = records.record_id(raw)
+        return ex
+
+    def _example(self, raw, rng) -> dict:
         if isinstance(raw, (bytes, bytearray, memoryview)):
             try:
                 rec = records.decode_record(raw)
@@ -348,8 +339,8 @@ class ExampleFn:
                         ex["image_src"] = gen(image)
                 if self.edit_und:
                     ex["image_und"] = und(image)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            return _skip("bad_image")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            return _skip("bad_image", str(e))
         return ex  # absent images are left out: the batcher fills zeros
 
 
@@ -408,6 +399,7 @@ class _SkipCountingBatchIterator(grain.DatasetIterator):
                 break
             if "_skip" in ex:
                 skipped[ex["_skip"]] += 1
+                _SKIP_LOG.log(SKIP_REASONS[ex["_skip"]], ex.get("_id"), ex.get("_why"))
                 run += 1
                 if run >= self._max_skips:
                     counts = {r: int(n) for r, n in zip(SKIP_REASONS, skipped) if n}
@@ -528,9 +520,18 @@ def make_dataset(cfg, *, shard_index: int | None = None, shard_count: int | None
     spec = {k: (shape[1:], dtype) for k, (shape, dtype) in batch_spec(cfg, 1).items()}
     it = SkipCountingBatch(it, batch_size or cfg.per_host_batch_size, spec, cfg.max_consecutive_skips)
     if cfg.worker_count > 0:
+        _absl_flags_for_library_use()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                          per_worker_buffer_size=cfg.worker_buffer_size))
     return it
+
+
+def _absl_flags_for_library_use() -> None:
+    """grain's worker processes read its absl flags; outside absl's app.run (a notebook, a user's script)
+    nothing parsed them and grain raises UnparsedFlagAccessError. Take the flag defaults then."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def make_iterator(cfg, **kwargs) -> grain.DatasetIterator:

@@ -27,6 +27,7 @@ import csv
 import glob
 import io
 import json
+import logging
 import os
 import struct
 from collections import defaultdict
@@ -39,6 +40,7 @@ MAGIC = b"UFR1"
 STR_FIELDS = ("id", "task", "caption", "question", "answer", "instruction")
 BYTES_FIELDS = ("image", "image2")
 SHARD_SUFFIX = ".array_record"
+_log = logging.getLogger(__name__)
 
 
 class RecordError(ValueError):
@@ -94,6 +96,41 @@ def decode_record(data: bytes) -> dict[str, Any]:
             raise RecordError(f"record: field {k!r} runs past the end (truncated)")
         out[k] = body[off:off + ln]
     return out
+
+
+def record_id(raw) -> str:
+    """The `id` of a record (serialized or dict) for messages; '?' when it has none or does not parse."""
+    if isinstance(raw, Mapping):
+        return str(raw.get("id", "?"))
+    try:
+        data = bytes(raw)
+        (n,) = struct.unpack("<I", data[4:8])
+        return str(json.loads(data[8:8 + n].decode("utf-8"))["str"].get("id", "?"))
+    except (TypeError, ValueError, KeyError, AttributeError, struct.error):
+        return "?"
+
+
+class SkipLog:
+    """Rate-limited warnings naming skipped records (id and reason), so a bad shard can be found and fixed:
+    the first `first` skips of this process, then at most one line per `interval` seconds, each saying how
+    many were not logged since the previous line. Counts stay exact elsewhere (the pipeline's num_skipped)."""
+
+    def __init__(self, where: str, first: int = 20, interval: float = 10.0):
+        self.where, self.first, self.interval = where, first, interval
+        self.seen, self.suppressed, self._last = 0, 0, -float("inf")
+
+    def log(self, reason: str, rec_id: str | None = None, detail: str | None = None) -> bool:
+        import time
+        self.seen += 1
+        now = time.monotonic()
+        if self.seen > self.first and now - self._last < self.interval:
+            self.suppressed += 1
+            return False
+        more = f" ({self.suppressed} more skipped records not logged)" if self.suppressed else ""
+        _log.warning("%s: skipped record id=%s: %s%s%s", self.where, rec_id if rec_id is not None else "?",
+                     reason, f" ({detail})" if detail else "", more)
+        self.suppressed, self._last = 0, now
+        return True
 
 
 def to_npy(x: np.ndarray) -> bytes:

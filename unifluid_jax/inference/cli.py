@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from unifluid_jax.config import ConfigError
-from unifluid_jax.data import pipeline
+from unifluid_jax.data import images
 from unifluid_jax.data.tokenizer import Tokenizer
 from unifluid_jax.evals import suite
 from unifluid_jax.inference import decode, generate
@@ -90,11 +90,10 @@ def _jsonl(path: str, what: str, keys: tuple[str, ...]) -> list[dict]:
 
 def _image(path: str, size: int, resample: str, base: str = "") -> np.ndarray:
     full = path if os.path.isabs(path) or not base else os.path.join(base, path)
-    try:
-        with open(full, "rb") as f:
-            return pipeline.load_image(f.read(), size, resample)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"image {full!r} cannot be read as an image: {e}") from e
+    try:  # the pipeline's decode / validate rules (data/images.py); the error names the file
+        return images.load_file(full, size, resample)
+    except images.ImageError as e:
+        raise ConfigError(str(e)) from e
 
 
 def _tokenizer(config) -> Tokenizer:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from unifluid_jax.data import records
+from unifluid_jax.data import images, records
 from unifluid_jax.data.pipeline import load_image
 from unifluid_jax.data.records import from_npy, to_npy  # noqa: F401 (re-exported for users of the cache)
 
@@ -65,9 +65,12 @@ def _jobs(rec: dict) -> list[tuple[str, bytes]]:
 
 def extract(recs: Iterable[dict], out_prefix: str, encode_fn: EncodeFn, gen_size: int, batch_size: int = 32,
             num_shards: int = 1, resize: str = "bicubic", dtype=np.float16) -> dict[str, int]:
-    """Writes `recs` with latent fields added; returns counts {written, encoded, skipped}. Records whose
-    images do not decode are dropped (counted as skipped), so the cache never crashes the pipeline."""
+    """Writes `recs` with latent fields added; returns counts {written, encoded, skipped, 'skipped:REASON'}.
+    Records whose images break the rules of data/images.py (undecodable, truncated, decompression bombs) are
+    dropped, counted by reason and logged (rate-limited, with the record id), so one bad image never stops
+    the run."""
     stats = {"written": 0, "encoded": 0, "skipped": 0}
+    skip_log = records.SkipLog("extract_latents")
     with records.RecordWriter(out_prefix, num_shards) as w:
         pending: list[tuple[dict, list[tuple[str, np.ndarray]]]] = []
 
@@ -97,8 +100,10 @@ def extract(recs: Iterable[dict], out_prefix: str, encode_fn: EncodeFn, gen_size
             rec = dict(rec)
             try:
                 jobs = [(f, load_image(b, gen_size, resize)) for f, b in _jobs(rec)]
-            except (OSError, ValueError, SyntaxError):
+            except images.ImageError as e:
                 stats["skipped"] += 1
+                stats[f"skipped:{e.reason}"] = stats.get(f"skipped:{e.reason}", 0) + 1
+                skip_log.log(e.reason, rec.get("id"), str(e))
                 continue
             pending.append((rec, jobs))
             if sum(len(j) for _, j in pending) >= batch_size:
