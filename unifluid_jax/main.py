@@ -24,6 +24,7 @@ MODES: dict[str, str] = {
     "vqa": "unifluid_jax.inference.cli:vqa",
     "edit": "unifluid_jax.inference.cli:edit",
     "eval": "unifluid_jax.inference.cli:evaluate",
+    "export": "unifluid_jax.convert.unifluid:export_run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",

@@ -56,7 +56,7 @@ TEXT_LEN = {"tiny": 48, "demo": 48, "0p7b": 64, "2b": 64}
 def unifluid_model(size: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         llm=LLM[size], vae=VAE[size], siglip=SIGLIP[size], diffusion=DIFFUSION[size], patch_size=2,
-        max_text_len=TEXT_LEN[size], text_weight=0.005, text_dropout=0.1, edit_source=("siglip",),
+        max_text_len=TEXT_LEN[size], text_weight=0.005, edit_source=("siglip",),
         order_mode="annealed", random_until=0.3, raster_from=0.6, train_siglip=False, sample_latents=True))
 
 
@@ -67,6 +67,7 @@ def unifluid_config(size: str, dataset_dir: str, *, gen_size: int, und_size: int
     c.model = unifluid_model(size)
     c.data = shapes_data(dataset_dir, weights={"t2i": 1.0, "caption": 0.5, "vqa": 0.5},
                          gen_size=gen_size, und_size=und_size, max_text_len=TEXT_LEN[size])
+    c.data.text_dropout = 0.1  # CFG training: t2i prompt / edit instruction -> [BOS] (per record)
     # Frozen VAE (and SigLIP unless model.train_siglip); no weight decay on the diffusion head (MAR).
     c.optimizer.frozen_regexes = ("^vae/", "^siglip/")
     c.optimizer.no_decay_regexes = ("^head/",)
@@ -78,4 +79,6 @@ def unifluid_config(size: str, dataset_dir: str, *, gen_size: int, und_size: int
     c.infer = dict(prompts="", images="", questions="", pairs="", out="", step=-1, batch_size=16, seed=0,
                    num_steps=100, cfg_scale=3.0, cfg_schedule="linear", temperature=1.0, order="raster",
                    method="greedy", beam_size=1)
+    # --mode=export (unifluid_jax/convert/unifluid.py): DIR for transformers / diffusers / the PyTorch port.
+    c.export = dict(out="", overwrite=False)
     return c
