@@ -89,7 +89,10 @@ def defaults():
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.sharding = dict(rules=ml_collections.FieldReference(None, field_type=list),
                       check_large_params="warn", large_param_size=1 << 20)
+    # allow_changed: config keys (dotted, or a section prefix) that may differ from the checkpoint's when
+    # resuming, e.g. ('optimizer.lr',); any other change is refused (train/resume.py).
     c.checkpoint = dict(every_steps=1000, max_to_keep=3, keep_every=0, async_save=True, restore_data=True,
+                        allow_changed=(),
                         init_from="", init_from_step=ml_collections.FieldReference(None, field_type=int))
     c.distributed = dict(mode="auto", coordinator_address="", num_processes=-1, process_id=-1,
                          local_device_ids=())

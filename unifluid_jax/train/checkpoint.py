@@ -37,6 +37,9 @@ def validate_config(section, path: str = "checkpoint") -> None:
               f"expected dict(workdir=RUN_DIR, dst='sub/tree', src=''), got {dict(sub)}")
         check(not sub["workdir"] or epath.Path(sub["workdir"]).exists(), f"{path}.init_subtrees[{i}].workdir",
               f"no such directory {sub['workdir']!r} (a finished run's workdir)")
+    allowed = section.get("allow_changed", ())
+    check(isinstance(allowed, (tuple, list)) and all(isinstance(k, str) and k for k in allowed),
+          f"{path}.allow_changed", f"expected a tuple of dotted config keys, e.g. ('optimizer.lr',), got {allowed!r}")
     if section.init_from:
         check(epath.Path(section.init_from).exists(), f"{path}.init_from",
               f"no such directory {section.init_from!r} (a workdir or its checkpoints/ folder)")
@@ -84,6 +87,10 @@ class DataIteratorHandler(ocp.CheckpointHandler):
         pass
 
 
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+
+
 def _filename() -> str:
     return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
@@ -122,7 +129,7 @@ class Checkpointer:
     """The run's CheckpointManager (async by default) with the save/restore calls the trainer needs."""
 
     def __init__(self, workdir: str, section, debug=None):
-        self.section = section
+        self.workdir, self.section = workdir, section
         self.debug = debug
         preservation = [ocp.checkpoint_managers.LatestN(section.max_to_keep)]
         if section.keep_every:
@@ -161,6 +168,70 @@ class Checkpointer:
             items["data"] = DataRestore(data_iter)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return out["state"]
+
+    # -- resume checks (train/resume.py): each returns a problem string for a damaged step, None if fine ---
+
+    def saved_config(self, step: int) -> dict | str:
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        except Exception as e:  # noqa: BLE001
+            return f"its saved config is unreadable ({type(e).__name__}: {_first_line(e)})"
+
+    def state_metadata(self, step: int):
+        """The saved state's array tree (shapes, dtypes), or a problem string."""
+        try:
+            meta = self.manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001
+            return f"its state metadata is unreadable ({type(e).__name__}: {_first_line(e)})"
+        if meta is None:
+            return "its state metadata (state/_METADATA) is missing"
+        return getattr(meta, "tree", meta)
+
+    def data_problem(self, step: int) -> str | None:
+        """A missing/unreadable iterator file of this process is damage; files written by another number of
+        processes are a config change (ConfigError)."""
+        d = checkpoint_dir(self.workdir) / str(step) / "data"
+        f = d / _filename()
+        if not f.exists():
+            other = sorted(p.name for p in d.iterdir() if p.name.endswith(".json")) if d.exists() else []
+            if other and not any(n.endswith(f"-of-{jax.process_count()}.json") for n in other):
+                from unifluid_jax.checks import ConfigError
+                raise ConfigError(
+                    f"checkpoint step {step} holds the data positions of another number of processes ({other}); "
+                    f"this run has {jax.process_count()}. Resume with the same number of processes, or restart "
+                    "the data from its beginning with --config.checkpoint.restore_data=False")
+            return f"its data-iterator file {f.name} is missing"
+        try:
+            json.loads(f.read_text())
+        except Exception as e:  # noqa: BLE001
+            return f"its data-iterator file {f.name} is unreadable ({type(e).__name__})"
+        return None
+
+    def agree(self, tag: str, problem: str | None) -> str | None:
+        """Every process learns every process's verdict (coordination service), so all fall back together."""
+        if jax.process_count() == 1:
+            return problem
+        from jax._src import distributed
+        client, me = distributed.global_state.client, jax.process_index()
+        client.key_value_set(f"unifluid_{tag}/{me}", problem or "")
+        found = [client.blocking_key_value_get(f"unifluid_{tag}/{i}", 600_000) for i in range(jax.process_count())]
+        bad = [f"process {i}: {p}" for i, p in enumerate(found) if p]
+        return "; ".join(bad) if bad else None
+
+    def move_aside(self, step: int) -> epath.Path:
+        """Renames `<step>` to `<step>.damaged` (primary process; never deleted) and rereads the step list."""
+        src = checkpoint_dir(self.workdir) / str(step)
+        dst = src.parent / f"{step}.damaged"
+        n = 1
+        while dst.exists():
+            dst, n = src.parent / f"{step}.damaged.{n}", n + 1
+        if jax.process_index() == 0:
+            src.rename(dst)
+        if jax.process_count() > 1:
+            from unifluid_jax.train.trainer import sync_processes
+            sync_processes(f"unifluid_moved_{step}", 600)
+        self.manager.reload()
+        return dst
 
     def wait(self):
         self.manager.wait_until_finished()

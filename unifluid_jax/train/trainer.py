@@ -27,6 +27,7 @@ from unifluid_jax.checks import check, check_choice, check_positive
 from unifluid_jax.train import checkpoint as ckpt_lib
 from unifluid_jax.train import metrics as metrics_lib
 from unifluid_jax.train import optimizer as opt_lib
+from unifluid_jax.train import resume as resume_lib
 from unifluid_jax.train import sharding
 from unifluid_jax.train import task as task_lib
 
@@ -280,12 +281,16 @@ class Trainer:
 
     def initial_state(self, ckpt, data_iter):
         """Resume from the latest complete checkpoint, else init (optionally with another run's params)."""
-        latest = ckpt.latest_step()
-        if latest is not None:
-            it = data_iter if self.config.checkpoint.restore_data else None
-            state = ckpt.restore(latest, self.abstract_state, it)
+        it = data_iter if self.config.checkpoint.restore_data else None
+        restored = resume_lib.restore_latest(ckpt, self.abstract_state, it, self.config, self.workdir)
+        if restored is not None:
+            state, latest = restored
             log.info("resumed from step %d (%s)", latest, ckpt_lib.checkpoint_dir(self.workdir) / str(latest))
             return state, int(latest)
+        if any(p.name.split(".")[0].isdigit() and ".damaged" in p.name
+               for p in ckpt_lib.checkpoint_dir(self.workdir).iterdir()):
+            log.warning("no checkpoint under %s restores; starting from step 0 (damaged steps kept as *.damaged)",
+                        ckpt_lib.checkpoint_dir(self.workdir))
         state = self.init_state(self.rng)
         init_from = self.config.checkpoint.init_from
         if init_from:
