@@ -4,12 +4,15 @@ FD = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), the formula of FID (Heusel e
 by pytorch-fid: scipy.linalg.sqrtm of the product, an eps * I offset on both covariances when the
 product is singular (non-finite root), and the imaginary part dropped only if negligible on the diagonal.
 
-FID proper uses InceptionV3 pool3 features; that extractor is a follow-up (not here). The default
-`shapes_features` is a cheap hand-made extractor for shapes images, NOT Inception: numbers computed with
-it are only comparable to each other (same extractor, same image size), never to published FIDs.
+FID proper uses the FID Inception's pool3 features (evals/inception.py, `Extractor.pool3`); reference
+statistics come from a folder of images (`folder_stats`) or a pytorch-fid / clean-fid `.npz` (`load_stats`:
+both store 'mu' and 'sigma'). `inception_score` is IS (Salimans et al. 2016) from Inception logits.
+The default `shapes_features` is a cheap hand-made extractor for shapes images, NOT Inception: numbers
+computed with it are only comparable to each other (same extractor, same image size), never to published FIDs.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Callable, Iterable
 
@@ -72,6 +75,89 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
             raise ValueError(f"FD: imaginary component {np.max(np.abs(covmean.imag))}")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mu [D], sigma [D, D]) from a pytorch-fid / clean-fid statistics file (np.savez with 'mu', 'sigma')."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"reference statistics {path!r} do not exist (a pytorch-fid / clean-fid .npz "
+                                "with 'mu' and 'sigma', or one written by save_stats)")
+    with np.load(path) as f:
+        missing = [k for k in ("mu", "sigma") if k not in f.files]
+        if missing:
+            raise ValueError(f"reference statistics {path}: no {missing} array (has {f.files}); expected the "
+                             "pytorch-fid / clean-fid layout np.savez(path, mu=..., sigma=...)")
+        mu, sigma = f["mu"][:], f["sigma"][:]
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"reference statistics {path}: mu {mu.shape} and sigma {sigma.shape} are not [D], [D, D]")
+    return mu, sigma
+
+
+def save_stats(path: str, stats: "FeatureStats") -> None:
+    """Writes the pytorch-fid / clean-fid layout (readable by both: np.savez_compressed mu, sigma)."""
+    np.savez_compressed(path, mu=stats.mean(), sigma=stats.cov())
+
+
+def fid_against(stats: "FeatureStats", ref_mu, ref_sigma, what: str = "reference statistics",
+                eps: float = 1e-6) -> float:
+    """FID of accumulated features against reference (mu, sigma); a feature-dimension mismatch (e.g. stats of
+    another network or block) is one clear error."""
+    if np.shape(ref_mu)[0] != stats.dim:
+        raise ValueError(f"{what} have feature dim {np.shape(ref_mu)[0]} but the features are {stats.dim}-d; "
+                         "FID needs stats of the same network layer (Inception pool3 = 2048)")
+    return frechet_distance(stats.mean(), stats.cov(), ref_mu, ref_sigma, eps)
+
+
+def inception_score(logits, splits: int = 10) -> tuple[float, float]:
+    """IS = exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` equal parts (the original code's protocol;
+    pass Inception's 'logits_unbiased' for numbers comparable to it and torch-fidelity)."""
+    logits = np.asarray(logits, np.float64)
+    n = logits.shape[0]
+    if n < splits:
+        raise ValueError(f"inception_score: {n} samples for {splits} splits")
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    scores = []
+    for k in range(splits):
+        part = logp[k * (n // splits):(k + 1) * (n // splits)]
+        log_py = np.log(np.exp(part).mean(0))
+        scores.append(np.exp((np.exp(part) * (part - log_py)).sum(1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")  # pytorch-fid's
+
+
+def image_files(folder: str) -> list[str]:
+    """The image files of a folder, sorted by name (pytorch-fid's selection)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder {folder!r} does not exist")
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                   if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"image folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def read_images(files: Iterable[str], batch_size: int) -> Iterable[np.ndarray]:
+    """uint8 [B, H, W, 3] batches (RGB-converted, as pytorch-fid / clean-fid read files); a batch holds
+    consecutive images of one size."""
+    from PIL import Image
+    batch = []
+    for f in files:
+        with Image.open(f) as im:
+            a = np.asarray(im.convert("RGB"))
+        if batch and (len(batch) == batch_size or a.shape != batch[0].shape):
+            yield np.stack(batch)
+            batch = []
+        batch.append(a)
+    if batch:
+        yield np.stack(batch)
+
+
+def folder_stats(feature_fn: Callable[[np.ndarray], np.ndarray], folder: str, batch_size: int = 50) -> "FeatureStats":
+    """Feature statistics of every image in `folder` (e.g. reference stats from real images)."""
+    return feature_stats(feature_fn, read_images(image_files(folder), batch_size))
 
 
 def _batches(images, batch_size: int) -> Iterable[np.ndarray]:
