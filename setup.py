@@ -17,6 +17,10 @@ _TEST = [
     "diffusers==0.42.1",
     "safetensors==0.8.0",
     "pycocoevalcap==1.2",
+    # FID references; torchvision (imported by pytorch-fid) pinned to the release built for torch 2.13.
+    "torchvision==0.28.0",
+    "pytorch-fid==0.3.0",
+    "clean-fid==0.1.35",
     "pytest==9.2.0",
     "pytest-xdist==3.8.0",
 ]
