@@ -25,6 +25,13 @@ _TEST = [
     "pytest-xdist==3.8.0",
 ]
 
+# Web-scale ingestion (unifluid_jax/tools/ingest.py). 2.71.0 is the newest Apache Beam whose pins resolve
+# with requirements.txt (pip backtracks past 2.72-2.77; 2.77 requires pillow < 13, we pin 13.0.0). It brings
+# protobuf 6.33 and pyarrow 18 (requirements.txt pins neither); checked with `pip install --dry-run
+# -r requirements.txt apache-beam==2.71.0` and `pip check` in a fresh venv. Cluster runners need their own
+# extras, e.g. apache-beam[gcp]==2.71.0 for Dataflow.
+_BEAM = ["apache-beam==2.71.0"]
+
 setuptools.setup(
     name="unifluid_jax",
     version="0.1.0",
@@ -32,5 +39,5 @@ setuptools.setup(
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["unifluid_jax", "unifluid_jax.*"]),
     install_requires=_REQUIREMENTS,
-    extras_require={"test": _TEST},
+    extras_require={"test": _TEST, "beam": _BEAM},
 )

@@ -19,12 +19,11 @@ Serialisation (no pickle: records may come from untrusted files):
 
 Shards are `{prefix}-{i:05d}-of-{n:05d}.array_record`, read with grain's ArrayRecordDataSource
 (`open_source`). Importers turn common layouts into shards: image folder + JSONL/CSV captions, COCO-captions
-JSON, VQA (questions + annotations JSON), edit pairs JSONL.
+JSON, VQA (questions + annotations JSON), edit pairs JSONL; tools/ingest.py does the same (and webdataset /
+parquet) at scale on Apache Beam.
 """
 from __future__ import annotations
 
-import csv
-import glob
 import io
 import json
 import logging
@@ -35,6 +34,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from unifluid_jax import fs
 
 MAGIC = b"UFR1"
 STR_FIELDS = ("id", "task", "caption", "question", "answer", "instruction")
@@ -156,7 +157,7 @@ class RecordWriter:
         from array_record.python.array_record_module import ArrayRecordWriter
         if num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        fs.makedirs(fs.dirname(fs.absolute(prefix)))
         self.paths = shard_paths(prefix, num_shards)
         # group_size:1 keeps random access cheap (one record per chunk), which grain's global shuffle needs.
         self._writers = [ArrayRecordWriter(p, options) for p in self.paths]
@@ -187,18 +188,19 @@ def write_records(records: Iterable[Mapping[str, Any] | bytes], prefix: str, num
 
 
 def resolve_paths(paths: str | Sequence[str]) -> list[str]:
-    """A glob pattern, a shard prefix, a directory, or a list of those -> sorted list of shard files."""
-    items = [paths] if isinstance(paths, str) else list(paths)
+    """A glob pattern, a shard prefix, a directory, or a list of those -> sorted list of shard files.
+    Local paths and URIs (gs://...) alike, through the path layer (unifluid_jax/fs.py)."""
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     out: list[str] = []
-    for p in items:
-        if os.path.isdir(p):
-            found = glob.glob(os.path.join(p, "*" + SHARD_SUFFIX))
-        elif any(ch in p for ch in "*?["):
-            found = glob.glob(p)
-        elif os.path.exists(p):
+    for p in map(os.fspath, items):
+        if fs.has_glob(p):
+            found = fs.glob(p)
+        elif fs.isdir(p):
+            found = fs.glob(fs.join(p, "*" + SHARD_SUFFIX))
+        elif fs.exists(p):
             found = [p]
         else:
-            found = glob.glob(p + "-*-of-*" + SHARD_SUFFIX)
+            found = fs.glob(p + "-*-of-*" + SHARD_SUFFIX)
         if not found:
             raise FileNotFoundError(f"no ArrayRecord shards match {p!r}")
         out.extend(sorted(found))
@@ -219,56 +221,29 @@ def read_records(paths: str | Sequence[str]) -> Iterator[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------- importers
+# Single-process importers: data/readers.py + the shared transforms of data/prepare.py (the same decode /
+# validate / filter / dedup / shard rules as the Beam pipeline tools/ingest.py, byte-identical shards).
+# Each also writes `{prefix}-summary.json` (counts by reason).
 
-def _read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _rows(path: str) -> Iterator[dict[str, Any]]:
-    """JSONL (one object per line) or CSV with a header row."""
-    if path.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            yield from csv.DictReader(f)
-        return
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except ValueError as e:
-                    raise ValueError(f"{path}:{n + 1}: bad JSON line ({e})") from None
+def _import(fmt: str, path: str, prefix: str, num_shards: int, dedup: str | None = None, **read_kw) -> list[str]:
+    from unifluid_jax.data import prepare, readers
+    opts = prepare.Options(dedup=dedup or readers.DEFAULT_DEDUP[fmt])
+    raws = readers.read(fmt, path, readers.ReadOptions(**read_kw))
+    return prepare.run_local(raws, prefix, num_shards, opts, {"format": fmt, "input": [path]})[0]
 
 
 def import_image_folder(image_dir: str, captions: str, prefix: str, num_shards: int = 1, task: str = "caption",
                         image_key: str = "image", caption_key: str = "caption") -> list[str]:
     """Image folder + JSONL/CSV rows {image: relative path, caption: text} -> shards (task caption or t2i)."""
-    def gen():
-        for i, row in enumerate(_rows(captions)):
-            name = row[image_key]
-            yield {"id": os.path.splitext(name)[0] if "id" not in row else str(row["id"]), "task": task,
-                   "image": _read_file(os.path.join(image_dir, name)), "caption": row[caption_key]}
-    return write_records(gen(), prefix, num_shards)
+    return _import("folder", captions, prefix, num_shards, task=task, image_dir=image_dir, image_key=image_key,
+                   caption_key=caption_key)
 
 
 def import_coco_captions(annotations_json: str, image_dir: str, prefix: str, num_shards: int = 1,
                          task: str = "caption") -> list[str]:
     """COCO captions ({images: [{id, file_name}], annotations: [{image_id, caption, id}]}): one record per
     caption."""
-    with open(annotations_json, encoding="utf-8") as f:
-        coco = json.load(f)
-    files = {im["id"]: im["file_name"] for im in coco["images"]}
-
-    def gen():
-        cache: dict[Any, bytes] = {}
-        for ann in coco["annotations"]:
-            iid = ann["image_id"]
-            if iid not in cache:
-                cache.clear()  # annotations are usually grouped; keep memory bounded
-                cache[iid] = _read_file(os.path.join(image_dir, files[iid]))
-            yield {"id": f"{iid}/{ann.get('id', '')}", "task": task, "image": cache[iid],
-                   "caption": ann["caption"].strip()}
-    return write_records(gen(), prefix, num_shards)
+    return _import("coco", annotations_json, prefix, num_shards, task=task, image_dir=image_dir)
 
 
 def import_vqa(questions_json: str, annotations_json: str | None, image_dir: str, prefix: str,
@@ -276,25 +251,8 @@ def import_vqa(questions_json: str, annotations_json: str | None, image_dir: str
     """VQA v2 style: questions {questions: [{image_id, question, question_id}]} and annotations
     {annotations: [{question_id, multiple_choice_answer, answers}]} (None for test questions without answers).
     Records get `answer` (the consensus answer) and `answers` (JSON list of all human answers)."""
-    with open(questions_json, encoding="utf-8") as f:
-        questions = json.load(f)["questions"]
-    answers, all_answers = {}, {}
-    if annotations_json:
-        with open(annotations_json, encoding="utf-8") as f:
-            for a in json.load(f)["annotations"]:
-                answers[a["question_id"]] = a["multiple_choice_answer"]
-                all_answers[a["question_id"]] = [x["answer"] for x in a.get("answers", ())]
-
-    def gen():
-        for q in questions:
-            path = os.path.join(image_dir, image_pattern.format(image_id=q["image_id"]))
-            rec = {"id": str(q["question_id"]), "task": "vqa", "image": _read_file(path),
-                   "question": q["question"]}
-            if q["question_id"] in answers:
-                rec["answer"] = answers[q["question_id"]]
-                rec["answers"] = json.dumps(all_answers[q["question_id"]])  # all human answers (VQA accuracy)
-            yield rec
-    return write_records(gen(), prefix, num_shards)
+    return _import("vqa", questions_json, prefix, num_shards, annotations=annotations_json or "",
+                   image_dir=image_dir, image_pattern=image_pattern)
 
 
 def import_edit_pairs(pairs: str, image_dir: str, prefix: str, num_shards: int = 1,
@@ -302,13 +260,8 @@ def import_edit_pairs(pairs: str, image_dir: str, prefix: str, num_shards: int =
                       instruction_key: str = "instruction") -> list[str]:
     """JSONL/CSV rows {source, target, instruction} (image paths relative to image_dir) -> edit records
     (image = source, image2 = target)."""
-    def gen():
-        for i, row in enumerate(_rows(pairs)):
-            yield {"id": str(row.get("id", i)), "task": "edit",
-                   "image": _read_file(os.path.join(image_dir, row[source_key])),
-                   "image2": _read_file(os.path.join(image_dir, row[target_key])),
-                   "instruction": row[instruction_key]}
-    return write_records(gen(), prefix, num_shards)
+    return _import("edit", pairs, prefix, num_shards, image_dir=image_dir, source_key=source_key,
+                   target_key=target_key, instruction_key=instruction_key)
 
 
 def count_by(records: Iterable[Mapping[str, Any]], key: str) -> dict[str, int]:

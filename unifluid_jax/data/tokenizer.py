@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
 
+from unifluid_jax import fs
 from unifluid_jax.data import layout
 
 SEP = "\n"
@@ -24,10 +25,9 @@ class Tokenizer:
         if (model_path is None) == (model_proto is None):
             raise ValueError("Tokenizer: pass exactly one of model_path or model_proto")
         if model_proto is None:
-            if not os.path.exists(model_path):
+            if not fs.exists(model_path):  # local or a URI (gs://...): the path layer
                 raise FileNotFoundError(f"tokenizer model not found: {model_path}")
-            with open(model_path, "rb") as f:
-                model_proto = f.read()
+            model_proto = fs.read_bytes(model_path)
         self._proto = bytes(model_proto)
         self._sp = spm.SentencePieceProcessor()
         self._sp.LoadFromSerializedProto(self._proto)
@@ -89,7 +89,7 @@ def train_tokenizer(texts: Iterable[str], out_prefix: str, vocab_size: int = 512
     texts = [t for t in texts if t]
     if not texts:
         raise ValueError("train_tokenizer: no texts")
-    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+    fs.makedirs(fs.dirname(fs.absolute(out_prefix)))
     model = io.BytesIO()
     spm.SentencePieceTrainer.Train(
         sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="unigram",
@@ -100,6 +100,5 @@ def train_tokenizer(texts: Iterable[str], out_prefix: str, vocab_size: int = 512
         normalization_rule_name="identity", num_threads=1, minloglevel=2,
         train_extremely_large_corpus=False)
     path = out_prefix + ".model"
-    with open(path, "wb") as f:
-        f.write(model.getvalue())
+    fs.write_bytes(path, model.getvalue())
     return path

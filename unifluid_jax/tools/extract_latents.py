@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
+from unifluid_jax import fs
 from unifluid_jax.data import images, records
 from unifluid_jax.data.pipeline import load_image
 from unifluid_jax.data.records import from_npy, to_npy  # noqa: F401 (re-exported for users of the cache)
@@ -119,8 +120,7 @@ def main(argv: Sequence[str]) -> None:
 
     from unifluid_jax.models import vae as vae_lib
     F = flags.FLAGS
-    with open(F.vae_params, "rb") as f:
-        variables = flax.serialization.msgpack_restore(f.read())
+    variables = flax.serialization.msgpack_restore(fs.read_bytes(F.vae_params))
     cfg = vae_lib.get_config(F.vae_preset, image_size=F.gen_size)
     stats = extract(records.read_records(F.src), F.out, vae_encode_fn(cfg, variables, F.patch_size), F.gen_size,
                     F.batch_size, F.num_shards)
