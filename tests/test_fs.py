@@ -1,0 +1,121 @@
+"""The path layer (unifluid_jax/fs.py) on a non-local filesystem, without a network: an in-memory fsspec
+filesystem registered for gs://, the route epath takes for gs:// when TensorFlow is absent (fsspec backend).
+Every reader converted to the layer is driven through it: shard discovery, tokenizer, importers / ingest
+inputs, inference images."""
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unifluid_jax import fs
+from unifluid_jax.data import images, prepare, readers
+from unifluid_jax.data import records as R
+from unifluid_jax.data.tokenizer import Tokenizer, train_tokenizer
+
+
+@pytest.fixture
+def gs(monkeypatch):
+    """gs:// backed by memory for this test only."""
+    import fsspec
+    from etils.epath import backend, gpath
+    from fsspec.implementations.memory import MemoryFileSystem
+    from fsspec.registry import _registry
+
+    class MemoryGcs(MemoryFileSystem):
+        protocol = ("gs", "gcs")
+        store, pseudo_dirs = {}, [""]
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            for p in ("gs://", "gcs://"):
+                if path.startswith(p):
+                    path = path[len(p):]
+            return super()._strip_protocol(path)
+
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # the fsspec route even if TF is present
+    saved = {p: _registry.get(p) for p in ("gs", "gcs")}
+    for p in saved:
+        fsspec.register_implementation(p, MemoryGcs, clobber=True)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    yield "gs://bucket"
+    for p, cls in saved.items():
+        if cls is None:
+            _registry.pop(p, None)
+        else:
+            fsspec.register_implementation(p, cls, clobber=True)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def _png(v=5, size=8):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), v, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_basic_ops_and_glob(gs, tmp_path):
+    fs.write_text(f"{gs}/d/a-00000-of-00002.array_record", "x")
+    fs.write_bytes(f"{gs}/d/a-00001-of-00002.array_record", b"y")
+    fs.write_text(f"{gs}/d/sub/b.txt", "z")
+    assert fs.exists(f"{gs}/d/sub/b.txt") and fs.isdir(f"{gs}/d") and not fs.exists(f"{gs}/nope")
+    assert fs.read_bytes(f"{gs}/d/a-00001-of-00002.array_record") == b"y"
+    assert fs.listdir(f"{gs}/d") == ["a-00000-of-00002.array_record", "a-00001-of-00002.array_record", "sub"]
+    assert fs.glob(f"{gs}/d/*/b.txt") == [f"{gs}/d/sub/b.txt"]
+    assert fs.glob(f"{gs}/*/a-0000[01]-*") == [f"{gs}/d/a-0000{i}-of-00002.array_record" for i in range(2)]
+    import fsspec
+    assert fsspec.filesystem("gs").cat("gs://bucket/d/sub/b.txt") == b"z"  # it lives in the memory store
+    assert fs.absolute(f"{gs}/d") == f"{gs}/d" and fs.writable_dir_error(f"{gs}/new") is None
+    with pytest.raises(ValueError, match=r"\*\*"):
+        fs.glob(f"{gs}/**/x")
+
+
+def test_shard_discovery_on_gs(gs):
+    for i in range(3):
+        fs.write_bytes(f"{gs}/data/train/t2i-{i:05d}-of-00003.array_record", b"")
+    fs.write_bytes(f"{gs}/data/train/other.txt", b"")
+    want = [f"{gs}/data/train/t2i-{i:05d}-of-00003.array_record" for i in range(3)]
+    for spec in (f"{gs}/data/train/t2i", f"{gs}/data/train", f"{gs}/data/*/t2i-*", want[1:] + want[:1]):
+        got = R.resolve_paths(spec)
+        assert sorted(got) == want, spec
+    with pytest.raises(FileNotFoundError, match="no ArrayRecord shards"):
+        R.resolve_paths(f"{gs}/data/train/caption")
+
+
+def test_tokenizer_images_and_importer_inputs_on_gs(gs, tmp_path):
+    path = train_tokenizer(["a red circle", "a blue square"] * 10, f"{gs}/tok/tokenizer", vocab_size=30)
+    assert path == f"{gs}/tok/tokenizer.model" and Tokenizer(path).encode("red")
+    with pytest.raises(FileNotFoundError, match="tokenizer model not found"):
+        Tokenizer(f"{gs}/tok/missing.model")
+    fs.write_bytes(f"{gs}/img/0.png", _png(0))
+    fs.write_bytes(f"{gs}/img/1.png", _png(9))
+    np.testing.assert_allclose(images.load_file(f"{gs}/img/0.png", 4), -1.0)
+    with pytest.raises(images.ImageError, match="missing.png"):
+        images.load_file(f"{gs}/img/missing.png", 4)
+    fs.write_text(f"{gs}/caps.jsonl", "".join(json.dumps({"image": f"img/{i}.png", "caption": f"c {i}"}) + "\n"
+                                              for i in range(2)))
+    raws = readers.read("folder", f"{gs}/caps.jsonl", readers.ReadOptions())
+    _, summary = prepare.run_local(raws, str(tmp_path / "out" / "cap"), 1)
+    assert summary["written"] == 2
+    assert [r["image"] for r in R.read_records(str(tmp_path / "out" / "cap"))] in ([_png(0), _png(9)],
+                                                                                 [_png(9), _png(0)])
+
+
+def test_ingest_checks_gs_inputs(gs, tmp_path):
+    from unifluid_jax.tools import ingest
+    fs.write_bytes(f"{gs}/wds/000.tar", b"")
+    a, _ = ingest.parse_args([f"--input={gs}/wds/*.tar", "--format=webdataset", f"--out={tmp_path}/o/x"])
+    assert ingest.check_inputs(a) == [f"{gs}/wds/000.tar"]
+    a, _ = ingest.parse_args([f"--input={gs}/wds/*.parquet", "--format=parquet", f"--out={tmp_path}/o/x"])
+    with pytest.raises(ingest.IngestError, match="matches no files"):
+        ingest.check_inputs(a)
+
+
+def test_cli_reads_images_from_gs(gs):
+    from unifluid_jax.config import ConfigError
+    from unifluid_jax.inference import cli
+    fs.write_bytes(f"{gs}/q/cat.png", _png(255))
+    np.testing.assert_allclose(cli._image("cat.png", 4, "bilinear", base=f"{gs}/q"), 1.0)
+    fs.write_bytes(f"{gs}/q/bad.png", b"nope")
+    with pytest.raises(ConfigError, match="bad.png"):
+        cli._image("bad.png", 4, "bilinear", base=f"{gs}/q")
