@@ -1,4 +1,4 @@
-"""What the generic trainer needs from a task (toy LM, VAE, UniFluid), and the registry of tasks by name.
+"""What the generic trainer needs from a task (toy LM, VAE, SigLIP, UniFluid), and the registry of tasks by name.
 
 Tasks are registered by import path and imported only when selected, so an unfinished task never breaks
 the others. `config.task` is a registered name or a 'package.module:ClassName' path (handy for tests).
@@ -37,6 +37,7 @@ REGISTRY: dict[str, str] = {
     "lm": "unifluid_jax.tasks.lm:LMTask",
     "vae": "unifluid_jax.tasks.vae:VAETask",
     "unifluid": "unifluid_jax.tasks.unifluid:UniFluidTask",
+    "siglip": "unifluid_jax.tasks.siglip:SigLIPTask",
 }
 
 
