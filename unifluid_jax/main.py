@@ -85,6 +85,20 @@ def parse_flags(argv):
         sys.exit(2)
 
 
+def _mode_in_argv(argv) -> str:
+    """--mode before absl parses the flags (the SIGTERM handler must be installed before jax loads)."""
+    mode = "train"
+    for i, a in enumerate(argv):
+        if a.startswith("--mode="):
+            mode = a.split("=", 1)[1]
+        elif a == "--mode" and i + 1 < len(argv):
+            mode = argv[i + 1]
+    return mode
+
+
 if __name__ == "__main__":
+    if _mode_in_argv(sys.argv) == "train":  # first thing: a SIGTERM while starting up ends with exit 0
+        from unifluid_jax.train import signals
+        signals.catch_sigterm()
     flags.mark_flags_as_required(["config"])
     app.run(main, flags_parser=parse_flags)

@@ -29,6 +29,7 @@ from unifluid_jax.train import metrics as metrics_lib
 from unifluid_jax.train import optimizer as opt_lib
 from unifluid_jax.train import resume as resume_lib
 from unifluid_jax.train import sharding
+from unifluid_jax.train import signals
 from unifluid_jax.train import task as task_lib
 
 log = logging.getLogger(__name__)
@@ -97,23 +98,18 @@ class Preemption:
     processes reach at the same step, so every host saves the same step."""
 
     def __init__(self):
-        self.flag = False
-        self.multi = jax.process_count() > 1
-        if not self.multi:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        self.flag = True
+        self.multi, self._old = jax.process_count() > 1, None
+        if not self.multi:  # main.py installed it at start-up already; programmatic runs install it here
+            self._old = signals.catch_sigterm()
 
     def reached(self, step: int) -> bool:
         if self.multi:
             from jax.experimental import multihost_utils
             return bool(multihost_utils.reached_preemption_sync_point(step))
-        return self.flag
+        return signals.sigterm_seen()
 
     def restore(self):
-        if not self.multi:
+        if not self.multi and self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
 
 
@@ -341,8 +337,11 @@ class Trainer:
         try:
             while step < self.total_steps:
                 if preempt.reached(step):
-                    log.warning("preemption signal: saving step %d and exiting", step)
-                    if last_saved != step:
+                    if last_saved == step or step == 0:
+                        log.warning("preemption signal before step %d: nothing needed saving (%s); exiting",
+                                    step + 1, "no step trained yet" if step == 0 else f"step {step} is saved")
+                    else:
+                        log.warning("preemption signal: saving step %d and exiting", step)
                         self._save(ckpt, step, state, data_iter, config_dict, force=True)
                     ckpt.close()
                     writer.summary({"final_step": step, "preempted": True})
@@ -428,4 +427,5 @@ def fingerprint(batch) -> str:
 
 def train(config, workdir: str) -> dict:
     """`--mode=train`: build the trainer and run it (distributed init happens in main before this)."""
+    log.info("building the %r trainer in %s", config.task, workdir)
     return Trainer(config, workdir).run()
