@@ -17,10 +17,9 @@ _TEST = [
     "diffusers==0.42.1",
     "safetensors==0.8.0",
     "pycocoevalcap==1.2",
-    # FID references; torchvision (imported by pytorch-fid) pinned to the release built for torch 2.13.
-    "torchvision==0.28.0",
-    "pytorch-fid==0.3.0",
-    "clean-fid==0.1.35",
+    # The FID references (pytorch-fid==0.3.0, clean-fid==0.1.35) are NOT here: they require torchvision, whose
+    # PyPI wheels are CUDA builds that break `import transformers` next to the CPU torch. The Makefile installs
+    # them with --no-deps and torchvision==0.28.0 into .venv/fid_refs (tests/evals/fid_refs.py puts it on sys.path).
     "pytest==9.2.0",
     "pytest-xdist==3.8.0",
 ]
