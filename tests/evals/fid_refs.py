@@ -4,12 +4,19 @@ The published weights file is the state dict of pytorch-fid's `fid_inception_v3(
 runs with its weight download and load skipped, its weights are randomised, and that state dict is what
 `pytorch_fid.inception.InceptionV3` then loads through its own (patched-URL) loading path.
 """
+import os
 import re
 import sys
 from unittest import mock
 
 import numpy as np
+import pytest
 import torch
+
+# torchvision is installed outside site-packages (see setup.py): importable only by these tests.
+TORCHVISION_DIR = os.path.join(sys.prefix, "fid_refs")
+INSTALL = (f"pip install --no-deps --target {TORCHVISION_DIR} torchvision==0.28.0 && "
+           "pip install --no-deps pytorch-fid==0.3.0 clean-fid==0.1.35")
 
 _OPS = torch.library.Library("torchvision", "FRAGMENT")  # kept alive: its definitions go with it
 
@@ -18,6 +25,8 @@ def import_torchvision():
     """The PyPI torchvision wheel is a CUDA build whose C++ ops do not load next to the CPU torch used here;
     its import then fails registering fake kernels for those ops (torchvision::nms, ...). Declaring each
     missing op's schema lets the (pure Python) model code import; the ops are never called."""
+    if TORCHVISION_DIR not in sys.path and os.path.isdir(TORCHVISION_DIR):
+        sys.path.append(TORCHVISION_DIR)
     for _ in range(20):
         try:
             import torchvision
@@ -33,8 +42,11 @@ def import_torchvision():
 
 
 def pytorch_fid():
-    tv = import_torchvision()
-    from pytorch_fid import inception
+    try:
+        tv = import_torchvision()
+        from pytorch_fid import inception
+    except ImportError as e:
+        pytest.skip(f"FID references not installed ({e}); install with: {INSTALL}")
     return tv, inception
 
 

@@ -78,7 +78,6 @@ def test_bad_weights(weights, tmp_path):
 
 
 def test_clean_mode_matches_clean_fid():
-    fid_refs.import_torchvision()
     from cleanfid.resize import build_resizer
     resize = build_resizer("clean")
     images = np.random.default_rng(1).integers(0, 256, (2, 37, 64, 3), dtype=np.uint8)
