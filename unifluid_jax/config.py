@@ -70,6 +70,30 @@ def validate(config, num_devices: int | None = None) -> None:
                 mod.validate_config(config[name], name)
     task_cls.validate_config(config)
     validate_mesh(config, num_devices)
+    validate_inputs(config)
+
+
+def validate_inputs(config) -> None:
+    """The files a run reads exist (data shards, tokenizer), checked before anything is written: a wrong
+    path must not leave a half-made workdir behind."""
+    data = config.get("data")
+    if data is None or "sources" not in data:
+        return
+    from unifluid_jax import fs
+    from unifluid_jax.data import records
+    for i, s in enumerate(data.sources):
+        if s.get("kind", "array_record") == "array_record" and s.get("path"):
+            try:
+                records.resolve_paths(s["path"])
+            except FileNotFoundError:
+                where = s["path"]
+                why = ("the directory holds no *.array_record shards" if fs.isdir(where) else "no such file, "
+                       "directory or shard prefix")
+                raise ConfigError(f"config.data.sources[{i}].path: {where!r}: {why}; point it at a dataset built "
+                                  "by tools/build_shapes.py or tools/ingest.py (dir, glob or shard prefix)") from None
+    tok = data.get("tokenizer")
+    check(not tok or fs.exists(tok), "data.tokenizer",
+          f"no such file {tok!r}; give the SentencePiece model (e.g. <dataset>/tokenizer.model)")
 
 
 def defaults():

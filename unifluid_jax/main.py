@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import re
 import sys
 
@@ -46,6 +47,12 @@ def run(config, workdir: str, mode: str = "train"):
     fn = resolve_mode(mode)
     if not workdir:
         raise config_lib.ConfigError("--workdir is required (checkpoints and logs go there)")
+    from unifluid_jax import fs
+    problem = fs.writable_dir_error(workdir) if mode == "train" else (
+        f"{workdir} is a file, not a directory" if fs.exists(workdir) and not fs.isdir(workdir) else None)
+    if problem:
+        raise config_lib.ConfigError(f"--workdir={workdir}: {problem}; give a directory this user can write "
+                                     "(it is created if missing)")
     trainer.maybe_initialize_distributed(config.distributed)
     config_lib.validate(config)
     cache = config.train.get("compilation_cache_dir", "")
@@ -75,14 +82,35 @@ def main(argv):
 def parse_flags(argv):
     """absl flag parsing, with a one-line message (exit 2) for overrides of keys the config does not have."""
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+    except flags.IllegalFlagValueError as e:  # a value of the wrong type, e.g. --config.train.batch_size=1.5
+        _usage_error(f"{e}; give a value of the type the config declares for that key")
+    except flags.Error as e:  # e.g. a flag without its value
+        _usage_error(str(e))
     except (AttributeError, KeyError) as e:  # ml_collections: unknown key in --config.a.b=V
         bad = [a for a in argv[1:] if a.startswith("--config.")]
         suggestion = re.search(r'Did you mean "[^"]+" instead of "[^"]+"\?', str(e))
         hint = suggestion.group(0) if suggestion else str(e)
-        print(f"ConfigError: unknown config key in {' '.join(bad)} ({hint}). Overrides may only set keys that "
-              "the config file defines (see configs/*.py and unifluid_jax/config.py defaults())", file=sys.stderr)
-        sys.exit(2)
+        _usage_error(f"unknown config key in {' '.join(bad)} ({hint}). Overrides may only set keys that the "
+                     "config file defines (see configs/*.py and unifluid_jax/config.py defaults())")
+    try:
+        _CONFIG.value.keys()  # config_flags reports a file that failed to load only when it is read
+    except Exception as e:  # noqa: BLE001
+        arg = ([a for a in argv if a.startswith("--config=")] or ["--config"])[-1]
+        path = arg.partition("=")[2].split(":")[0]
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        why = "no such file" if path and not os.path.exists(path) else \
+            f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
+        _usage_error(f"{arg}: the config file cannot be loaded ({why}); give a configs/*.py file (optionally "
+                     "with :ARG)")
+    return rest
+
+
+def _usage_error(message: str):
+    print(f"ConfigError: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _mode_in_argv(argv) -> str:
