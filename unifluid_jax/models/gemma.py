@@ -20,9 +20,10 @@ Lower-level entry points used by the unified model (all via `model.apply(..., me
     logits(hidden) -> [B, T, V] float32             tied embedding + final softcap
     init_cache(config, batch, max_len, dtype) -> cache (a plain function, no params needed)
 
-Masks: `attn_mask` [B, T, S] bool (True = may attend; see models/masks.py). The sliding window of local
-layers (even layer index) is applied inside the layers from RoPE positions: key s is visible to query t
-iff `pos_t - pos_s < window`; the cache therefore also stores key positions.
+Masks: `attn_mask` [B, T, S] bool (True = may attend; see models/masks.py) or a masks.SegmentMask
+(segment_ids, mask_ar), which `attention_impl='splash'` needs (models/attention.py). The sliding window of
+local layers (even layer index) is applied inside the layers from RoPE positions: key s is visible to query
+t iff `pos_t - pos_s < window`; the cache therefore also stores key positions.
 
 Param tree (`scan_layers=True`): `embedder/input_embedding (V, D)`, `final_norm/scale (D,)`, and
 `layers/{local,global}/...` with a leading layer-group axis (Gemma-2 scans (local, global) pairs, so G = L/2;
@@ -46,8 +47,8 @@ import numpy as np
 import flax.linen as nn
 
 from unifluid_jax.config import ConfigError, check
-from unifluid_jax.models import layers
-from unifluid_jax.models.masks import make_attention_mask, positions_from_mask
+from unifluid_jax.models import attention, layers
+from unifluid_jax.models.masks import SegmentMask, positions_from_mask
 
 DTYPES = ("float32", "bfloat16", "float16")
 # 'none': no rematerialisation; 'full': save nothing; otherwise a name in jax.checkpoint_policies.
@@ -75,6 +76,8 @@ class GemmaConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     scan_layers: bool = True
+    # 'xla' | 'splash' (Pallas TPU kernel; needs a SegmentMask, no cache) | 'splash_interpret' (models/attention.py)
+    attention_impl: str = "xla"
 
     def __post_init__(self):
         for f in ("dtype", "param_dtype"):
@@ -138,6 +141,9 @@ def _check_values(v: dict, path: str) -> None:
         except TypeError:
             name = None
         check(name in DTYPES, f"{path}.{f}", f"unknown dtype {v[f]!r}; choose one of {list(DTYPES)}")
+    check(v["attention_impl"] in attention.IMPLS, f"{path}.attention_impl",
+          f"unknown value {v['attention_impl']!r}; choose one of {list(attention.IMPLS)} ('splash' runs on TPU "
+          "only; 'splash_interpret' is the same kernel emulated on any backend, for checks)")
     check(v["remat_policy"] in REMAT_POLICIES, f"{path}.remat_policy",
           f"unknown value {v['remat_policy']!r}; choose one of {list(REMAT_POLICIES)}")
 
@@ -246,15 +252,25 @@ class Gemma(nn.Module):
         cfg = self.config
         b, t = x.shape[:2]
         s = t if cache is None else cache["pos"].shape[1]
-        if positions.shape != (b, t) or attn_mask.shape != (b, t, s):
-            raise ValueError(f"Gemma: expected positions {(b, t)} and attn_mask {(b, t, s)} for inputs {x.shape}"
+        segmented = isinstance(attn_mask, SegmentMask)
+        if segmented and cache is not None:
+            raise ValueError("Gemma: a SegmentMask describes a sequence attending to itself; with a KV cache "
+                             f"pass the dense [B, T, S] = {(b, t, s)} mask (masks.cache_step_mask)")
+        mask_shape = (tuple(attn_mask.segment_ids.shape), tuple(attn_mask.mask_ar.shape)) if segmented \
+            else attn_mask.shape
+        if positions.shape != (b, t) or mask_shape != (((b, t), (b, t)) if segmented else (b, t, s)):
+            raise ValueError(f"Gemma: expected positions {(b, t)} and attn_mask {(b, t, s)} (or a SegmentMask of "
+                             f"[B, T] = {(b, t)} arrays) for inputs {x.shape}"
                              f"{'' if cache is None else f' and a cache of length {s}'}; got positions "
-                             f"{positions.shape}, attn_mask {attn_mask.shape}")
+                             f"{positions.shape}, attn_mask {mask_shape}")
         if cache is not None and cache_index is None:
             raise ValueError("Gemma: cache_index is required when a cache is given")
         x = nn.with_logical_constraint(x.astype(cfg.dtype), ("act_batch", "act_length", "act_embed"))
         positions = positions.astype(jnp.int32)
-        attn_mask = attn_mask.astype(bool)
+        if not segmented:
+            attn_mask = attn_mask.astype(bool)
+        elif cfg.attention_impl == "xla":
+            attn_mask = attn_mask.dense()  # once, not in every layer
         if cache is None:
             k_positions, layer_cache = positions, None
         else:
@@ -288,7 +304,8 @@ class Gemma(nn.Module):
             input_mask = jnp.ones(tokens.shape, bool)
         if mask_ar is None:
             mask_ar = jnp.ones(tokens.shape, jnp.int32)
-        hidden, _ = self(x, positions_from_mask(input_mask), make_attention_mask(input_mask, mask_ar))
+        mask = SegmentMask(jnp.asarray(input_mask).astype(jnp.int32), mask_ar)  # one example per row
+        hidden, _ = self(x, positions_from_mask(input_mask), mask)
         return self.logits(hidden)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:

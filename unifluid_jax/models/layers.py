@@ -1,5 +1,7 @@
 """Gemma building blocks: RMSNorm, embedder, RoPE, attention (GQA, softcap, sliding window, KV cache), GeGLU.
 
+The attention core (XLA einsums or Pallas splash) is in models/attention.py.
+
 Axis letters: B batch, T query length, S key length, N query heads, K kv heads, G = N // K query heads per
 kv head, H head dim, D width, F mlp hidden, V vocab. Param shapes follow the official Flax Gemma layout so
 checkpoint conversion is at most a transpose. Every module reads its sizes from a `GemmaConfig`.
@@ -12,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-# Large finite negative for masked logits: a fully masked row (padding) softmaxes to a uniform row, not NaN.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from unifluid_jax.models.attention import MASK_VALUE, attend, softcap  # noqa: F401 (re-exported)
+
 # Logical axes of one layer's cached keys / values [B, S, K, H].
 KV_CACHE_AXES = ("act_batch", "act_length", "act_kv_heads", None)
 
@@ -25,10 +27,6 @@ def _param(module: nn.Module, name: str, init, shape, names, dtype):
 def _dense_init(in_axis, out_axis, batch_axis=()):
     return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                             in_axis=in_axis, out_axis=out_axis, batch_axis=batch_axis)
-
-
-def softcap(x: jax.Array, cap: float | None) -> jax.Array:
-    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 class RMSNorm(nn.Module):
@@ -84,8 +82,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
 class Attention(nn.Module):
     """GQA/MQA self-attention. Query head n uses kv head n // (N / K).
 
-    `attn_mask` [B, T, S] is True where a query may attend. In a local layer a key is additionally visible only
-    when `q_pos - k_pos < window` (RoPE positions, so padding inside a sequence does not use up the window).
+    `attn_mask` [B, T, S] is True where a query may attend, or a masks.SegmentMask (models/attention.py; the
+    splash kernel needs that form). In a local layer a key is additionally visible only when
+    `q_pos - k_pos < window` (RoPE positions, so padding inside a sequence does not use up the window).
     With a cache, the T new keys/values are written at [cache_index, cache_index + T) and the queries attend
     over the whole cache (S = cache length).
     """
@@ -120,16 +119,9 @@ class Attention(nn.Module):
                 for name, new in (("k", k), ("v", v))}
             k, v = new_cache["k"].astype(dt), new_cache["v"].astype(dt)
 
-        b, t = q.shape[:2]
-        q = q.reshape(b, t, k_heads, n // k_heads, h)
-        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-        logits = softcap(logits, cfg.attn_logit_softcap)  # before the mask (SPEC 2)
-        mask = attn_mask
-        if self.local:
-            mask = mask & (positions[:, :, None] - k_positions[:, None, :] < cfg.sliding_window)
-        logits = jnp.where(mask[:, None, None, :, :], logits, MASK_VALUE)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
+        out = attend(q, k, v, attn_mask, positions, k_positions, softcap=cfg.attn_logit_softcap,
+                     window=cfg.sliding_window if self.local else None,
+                     impl="xla" if cache is not None else cfg.attention_impl)  # decode steps: XLA
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
         out = jnp.einsum("BTNH,NHD->BTD", out, w_o.astype(dt))
         return out, new_cache
