@@ -70,12 +70,12 @@ def validate(config, num_devices: int | None = None) -> None:
                 mod.validate_config(config[name], name)
     task_cls.validate_config(config)
     validate_mesh(config, num_devices)
-    validate_inputs(config)
 
 
 def validate_inputs(config) -> None:
-    """The files a run reads exist (data shards, tokenizer), checked before anything is written: a wrong
-    path must not leave a half-made workdir behind."""
+    """The files a training run reads exist (data shards, tokenizer), checked by main.py before anything is
+    written: a wrong path must not leave a half-made workdir behind. Not part of `validate`, which also checks
+    configs compiled for other machines (tools/aot.py) whose data is not on this one."""
     data = config.get("data")
     if data is None or "sources" not in data:
         return

@@ -55,6 +55,8 @@ def run(config, workdir: str, mode: str = "train"):
                                      "(it is created if missing)")
     trainer.maybe_initialize_distributed(config.distributed)
     config_lib.validate(config)
+    if mode == "train":
+        config_lib.validate_inputs(config)
     cache = config.train.get("compilation_cache_dir", "")
     if cache:
         import jax
