@@ -11,6 +11,7 @@ code path runs without a network.
 """
 from __future__ import annotations
 
+import builtins
 import os
 from collections.abc import Iterator
 from typing import IO
@@ -77,6 +78,13 @@ def write_bytes(p, data: bytes) -> None:
 
 def write_text(p, text: str) -> None:
     path(p).write_text(text)
+
+
+def copy_from_local(local: str, dst) -> None:
+    """Streams a local file to dst (local or URI)."""
+    import shutil
+    with builtins.open(local, "rb") as src, open(dst, "wb") as out:
+        shutil.copyfileobj(src, out, 16 << 20)
 
 
 def has_glob(p) -> bool:

@@ -141,8 +141,7 @@ def digest(data: bytes) -> str:
 
 
 def write_shard(path: str, recs: Iterable[bytes]) -> int:
-    from array_record.python.array_record_module import ArrayRecordWriter
-    w = ArrayRecordWriter(path, "group_size:1")  # the layout records.RecordWriter writes
+    w = records.ShardWriter(path, "group_size:1")  # the layout records.RecordWriter writes
     n = 0
     for r in recs:
         w.write(r)

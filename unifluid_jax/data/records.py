@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import struct
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -150,17 +151,43 @@ def shard_paths(prefix: str, num_shards: int) -> list[str]:
     return [f"{prefix}-{i:05d}-of-{num_shards:05d}{SHARD_SUFFIX}" for i in range(num_shards)]
 
 
+class ShardWriter:
+    """One ArrayRecord file. array_record's writer opens local files only, so a URI (gs://...) is written to a
+    local temporary file and copied to the store on close (its reader reads gs:// directly)."""
+
+    def __init__(self, path: str, options: str = "group_size:1"):
+        from array_record.python.array_record_module import ArrayRecordWriter
+        self.path, self._tmp = path, None
+        local = path
+        if fs.is_remote(path):
+            fd, local = tempfile.mkstemp(suffix=SHARD_SUFFIX)
+            os.close(fd)
+            self._tmp = local
+        self._w = ArrayRecordWriter(local, options)
+
+    def write(self, data: bytes) -> None:
+        self._w.write(data)
+
+    def close(self) -> None:
+        self._w.close()
+        if self._tmp:
+            try:
+                fs.copy_from_local(self._tmp, self.path)
+            finally:
+                os.remove(self._tmp)
+                self._tmp = None
+
+
 class RecordWriter:
     """Writes records round-robin into `num_shards` ArrayRecord shards. Use as a context manager."""
 
     def __init__(self, prefix: str, num_shards: int = 1, options: str = "group_size:1"):
-        from array_record.python.array_record_module import ArrayRecordWriter
         if num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
         fs.makedirs(fs.dirname(fs.absolute(prefix)))
         self.paths = shard_paths(prefix, num_shards)
         # group_size:1 keeps random access cheap (one record per chunk), which grain's global shuffle needs.
-        self._writers = [ArrayRecordWriter(p, options) for p in self.paths]
+        self._writers = [ShardWriter(p, options) for p in self.paths]
         self.count = 0
 
     def write(self, record: Mapping[str, Any] | bytes) -> None:

@@ -14,6 +14,7 @@ not fit, or a checkpoint that does not match the config stop with one error nami
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -21,6 +22,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from unifluid_jax import fs
 from unifluid_jax.config import ConfigError
 from unifluid_jax.data import images
 from unifluid_jax.data.tokenizer import Tokenizer
@@ -57,7 +59,7 @@ def load_model(config, workdir: str):
 
 def _out_dir(config, workdir: str) -> str:
     out = config.infer.out or os.path.join(workdir, "infer")
-    os.makedirs(out, exist_ok=True)
+    fs.makedirs(out)
     return out
 
 
@@ -65,7 +67,7 @@ def _lines(path: str, what: str) -> list[str]:
     if not path:
         raise ConfigError(f"config.infer.{what} is empty: give a file")
     try:
-        with open(path) as f:
+        with fs.open(path) as f:
             lines = [line.strip() for line in f if line.strip()]
     except OSError as e:
         raise ConfigError(f"config.infer.{what}={path!r} cannot be read: {e}") from e
@@ -89,7 +91,7 @@ def _jsonl(path: str, what: str, keys: tuple[str, ...]) -> list[dict]:
 
 
 def _image(path: str, size: int, resample: str, base: str = "") -> np.ndarray:
-    full = path if os.path.isabs(path) or not base else os.path.join(base, path)
+    full = path if fs.is_remote(path) or os.path.isabs(path) or not base else os.path.join(base, path)
     try:  # the pipeline's decode / validate rules (data/images.py); the error names the file
         return images.load_file(full, size, resample)
     except images.ImageError as e:
@@ -109,7 +111,9 @@ def _check_prompts(model_cfg, prompts, tok, task="t2i"):
 
 
 def _save_png(path: str, image_u8: np.ndarray) -> None:
-    Image.fromarray(image_u8).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(image_u8).save(buf, format="PNG")
+    fs.write_bytes(path, buf.getvalue())
 
 
 def _generate_all(config, model, variables, tok, prompts, **sources):
@@ -137,7 +141,7 @@ def sample(config, workdir: str) -> dict:
     for i, im in enumerate(images):
         _save_png(os.path.join(out, f"sample_{i:04d}.png"), im)
     suite.save_grid(os.path.join(out, "samples_grid.png"), images)
-    with open(os.path.join(out, "samples.jsonl"), "w") as f:
+    with fs.open(os.path.join(out, "samples.jsonl"), "w") as f:
         for i, p in enumerate(prompts):
             f.write(json.dumps({"prompt": p, "file": f"sample_{i:04d}.png"}) + "\n")
     print(f"{len(images)} images -> {out}")
@@ -183,9 +187,9 @@ def _answer(config, model, variables, tok, images, questions, task):
 def caption(config, workdir: str) -> dict:
     tok = _tokenizer(config)
     folder = config.infer.images
-    if not folder or not os.path.isdir(folder):
+    if not folder or not fs.isdir(folder):
         raise ConfigError(f"config.infer.images={folder!r} is not a folder of images")
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
+    files = sorted(f for f in fs.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
     if not files:
         raise ConfigError(f"config.infer.images={folder!r} holds no images ({', '.join(IMAGE_EXTS)})")
     model_cfg = unifluid.config_from_dict(config.model)
@@ -193,7 +197,7 @@ def caption(config, workdir: str) -> dict:
     model, variables = load_model(config, workdir)
     captions = _answer(config, model, variables, tok, images, None, "caption")
     path = os.path.join(_out_dir(config, workdir), "captions.jsonl")
-    with open(path, "w") as f:
+    with fs.open(path, "w") as f:
         for name, cap in zip(files, captions):
             f.write(json.dumps({"image": name, "caption": cap}) + "\n")
     print(f"{len(captions)} captions -> {path}")
@@ -211,7 +215,7 @@ def vqa(config, workdir: str) -> dict:
     model, variables = load_model(config, workdir)
     answers = _answer(config, model, variables, tok, images, questions, "vqa")
     path = os.path.join(_out_dir(config, workdir), "answers.jsonl")
-    with open(path, "w") as f:
+    with fs.open(path, "w") as f:
         for r, a in zip(rows, answers):
             f.write(json.dumps({**r, "answer": a}) + "\n")
     print(f"{len(answers)} answers -> {path}")

@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from unifluid_jax import fs
 from unifluid_jax.data import layout, records, shapes, tokenizer
 
 SPLITS = ("train", "val", "test")
@@ -78,7 +79,7 @@ def build(out: str, size: int = 64, num_train: int = 20000, num_val: int = 500, 
             w.close()
         paths[split] = {t: os.path.relpath(os.path.join(out, split, t), out) for t in layout.TASKS}
     geneval = shapes.geneval_prompts(seed, num_geneval)
-    with open(os.path.join(out, "geneval_prompts.jsonl"), "w") as f:
+    with fs.open(os.path.join(out, "geneval_prompts.jsonl"), "w") as f:
         for prompt, spec in geneval:
             f.write(json.dumps({"prompt": prompt, "spec": spec}) + "\n")
             texts.add(prompt)
@@ -88,7 +89,7 @@ def build(out: str, size: int = 64, num_train: int = 20000, num_val: int = 500, 
             "vocab_size": tokenizer.Tokenizer(tok_path).vocab_size, "geneval_prompts": "geneval_prompts.jsonl",
             "palette": shapes.PALETTE, "background": shapes.BACKGROUND, "shapes": list(shapes.SHAPES),
             "sizes": list(shapes.SIZES), "caption_prompt": caption_prompt, "geneval_fraction": geneval_fraction}
-    with open(os.path.join(out, "metadata.json"), "w") as f:
+    with fs.open(os.path.join(out, "metadata.json"), "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
     return meta
 

@@ -17,6 +17,8 @@ from typing import Callable
 import jax
 import numpy as np
 
+from unifluid_jax import fs
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,7 @@ class Writer:
         self._tb = None
         if self.enabled:
             SummaryWriter = _summary_writer_cls()
-            os.makedirs(workdir, exist_ok=True)
+            fs.makedirs(workdir)
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
         self._last_time, self._last_step = None, None
         self._history: dict[str, list[tuple[int, float]]] = {}
@@ -78,7 +80,7 @@ class Writer:
         out["loss_curve"] = self._history.get("train/loss", [])
         out.update(extra or {})
         if self.enabled:
-            with open(os.path.join(self.workdir, "metrics_summary.json"), "w") as f:
+            with fs.open(os.path.join(self.workdir, "metrics_summary.json"), "w") as f:
                 json.dump(out, f, indent=1, sort_keys=True, default=_json_default)
         return out
 

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from unifluid_jax import fs
 from unifluid_jax.checks import check, check_choice, check_positive
 from unifluid_jax.train import checkpoint as ckpt_lib
 from unifluid_jax.train import metrics as metrics_lib
@@ -410,8 +411,8 @@ class Trainer:
     def _fingerprint_file(self):
         if not self.config.debug.log_batch_fingerprints:
             return None
-        os.makedirs(self.workdir, exist_ok=True)
-        return open(os.path.join(self.workdir, f"batch_fingerprints.p{jax.process_index()}.txt"), "a")
+        fs.makedirs(self.workdir)
+        return fs.open(os.path.join(self.workdir, f"batch_fingerprints.p{jax.process_index()}.txt"), "a")
 
 
 def fingerprint(batch) -> str:
