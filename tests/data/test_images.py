@@ -153,6 +153,24 @@ def test_pipeline_skips_counts_and_logs_bad_images(tmp_path, caplog):
     assert log.seen == 4 and log.suppressed == 2
 
 
+def test_make_iterator_logs_skipped_record_ids(tmp_path, caplog):
+    good = _jpeg(np.full((16, 16, 3), 200, np.uint8))
+    recs = [{"id": f"ok-{i}", "task": "t2i", "image": good, "caption": "a red circle"} for i in range(3)]
+    recs.insert(1, {"id": "bomb-in-shard", "task": "t2i", "image": _bomb(), "caption": "a red circle"})
+    R.write_records(recs, str(tmp_path / "d" / "t2i"))
+    _tiny_tok(tmp_path)
+    cfg = P.default_config()
+    cfg.sources = [{"path": str(tmp_path / "d" / "t2i"), "kind": "array_record", "weight": 1.0, "task": ""}]
+    cfg.tokenizer, cfg.gen_size, cfg.und_size, cfg.max_text_len = str(tmp_path / "tok.model"), 8, 8, 48
+    cfg.per_host_batch_size, cfg.read_threads, cfg.num_epochs, cfg.shuffle = 3, 1, 1, False
+    caplog.set_level(logging.WARNING)
+    skipped = sum(int(b["num_skipped"][P.SKIP_REASONS.index("bad_image")])
+                  for b in P.make_iterator(cfg, shard_index=0, shard_count=1))
+    assert skipped == 1
+    lines = [r.getMessage() for r in caplog.records if "skipped record" in r.getMessage()]
+    assert len(lines) == 1 and "id=bomb-in-shard" in lines[0] and "bad_image" in lines[0], lines
+
+
 def test_extract_latents_skips_and_counts_bombs(tmp_path):
     from unifluid_jax.tools import extract_latents
     good = _jpeg(np.full((16, 16, 3), 100, np.uint8))
