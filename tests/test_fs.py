@@ -208,3 +208,16 @@ def test_training_pipeline_reads_shards_and_tokenizer_from_gs(gcs_emulator, tmp_
     assert len(remote) == len(local) > 0 and sum(int(b["valid"].sum()) for b in remote) >= 12
     for r, l in zip(remote, local):
         assert r.keys() == l.keys() and all(np.array_equal(r[k], l[k]) for k in r)
+
+
+def test_importer_writes_shards_and_summary_to_gs(gcs_emulator):
+    gs = gcs_emulator
+    for i in range(3):
+        fs.write_bytes(f"{gs}/in/img/{i}.png", _png(10 * i))
+    fs.write_text(f"{gs}/in/caps.jsonl", "".join(json.dumps({"image": f"{i}.png", "caption": f"c {i}"}) + "\n"
+                                                 for i in range(3)))
+    paths = R.import_image_folder(f"{gs}/in/img", f"{gs}/in/caps.jsonl", f"{gs}/out/cap", num_shards=2)
+    assert paths == R.resolve_paths(f"{gs}/out/cap") and all(p.startswith(f"{gs}/out/") for p in paths)
+    assert json.loads(fs.read_text(f"{gs}/out/cap-summary.json"))["written"] == 3
+    got = sorted((r["id"], r["caption"], r["image"]) for r in R.read_records(f"{gs}/out/cap"))
+    assert got == [(str(i), f"c {i}", _png(10 * i)) for i in range(3)]
