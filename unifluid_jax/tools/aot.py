@@ -52,14 +52,17 @@ NAMED = {
 class Chip:
     hbm_bytes: int
     peak_bf16: float  # FLOP/s per chip (dense bf16)
+    hbm_bandwidth: float  # bytes/s per chip
 
 
 # Keyed by jax's device_kind of a topology device (one device = one chip; v4 / v5p in megacore mode).
+# Cloud TPU system-architecture pages (cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}): peak bf16 compute per
+# chip, HBM capacity and bandwidth.
 CHIPS = {
-    "TPU v4": Chip(32 * GIB, 275e12),
-    "TPU v5 lite": Chip(16 * GIB, 197e12),
-    "TPU v5": Chip(95 * GIB, 459e12),  # v5p
-    "TPU v6 lite": Chip(32 * GIB, 918e12),
+    "TPU v4": Chip(32 * GIB, 275e12, 1200e9),
+    "TPU v5 lite": Chip(16 * GIB, 197e12, 819e9),
+    "TPU v5": Chip(95 * GIB, 459e12, 2765e9),  # v5p
+    "TPU v6 lite": Chip(32 * GIB, 918e12, 1640e9),
 }
 
 
@@ -264,7 +267,10 @@ def compile_config(config, topology: str) -> dict[str, Any]:
         compiled, compiler_oom = None, str(e).strip()
     t_compile = time.perf_counter()
 
+    cost, kernels = {}, 0
     if compiled is not None:
+        cost = _cost(compiled)
+        kernels = compiled.as_text().count("tpu_custom_call")  # Pallas (e.g. splash attention) calls
         m = compiled.memory_analysis()
         mem = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
                "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
@@ -287,6 +293,8 @@ def compile_config(config, topology: str) -> dict[str, Any]:
         "compiler_error": compiler_oom,
         "host_batch_error": tr.host_batch_error,
         "params": int(sum(math.prod(x.shape) for x in _leaves(tr.abstract_state["params"]))),
+        "pallas_kernel_calls": kernels,
+        "xla_bytes_accessed_per_device": cost.get("bytes accessed"),
         "seconds": {"build": t_build - t0, "lower": t_lower - t_build, "compile": t_compile - t_lower},
     }
     fl = _flops(config)
@@ -294,7 +302,23 @@ def compile_config(config, topology: str) -> dict[str, Any]:
         report.update(fl)
         if chip:
             report["step_seconds_at_100pct_mfu"] = fl["flops/total"] / (len(devices) * chip.peak_bf16)
+            if report["xla_bytes_accessed_per_device"]:
+                report["step_seconds_hbm_bound"] = report["xla_bytes_accessed_per_device"] / chip.hbm_bandwidth
+                report["step_seconds_roofline"] = max(report["step_seconds_at_100pct_mfu"],
+                                                      report["step_seconds_hbm_bound"])
     return report
+
+
+def _cost(compiled) -> dict:
+    """XLA's cost analysis of the per-device program ({} if the backend has none). Pallas kernels are opaque
+    custom calls to it: their own FLOPs / bytes are not in these numbers."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not implemented for every backend
+        return {}
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
 
 
 def shard_bytes(tree) -> int:
@@ -358,8 +382,15 @@ def format_report(r: dict) -> str:
         lines.append("  " + ", ".join(f"{k[6:]} {human_flops(v)}" for k, v in r.items()
                                       if k.startswith("flops/") and k != "flops/total"))
         if "step_seconds_at_100pct_mfu" in r:
-            lines.append(f"  step time at 100% MFU (bf16 peak {human_flops(CHIPS[r['device_kind']].peak_bf16)}/s "
+            chip = CHIPS[r["device_kind"]]
+            lines.append(f"  step time at 100% MFU (bf16 peak {human_flops(chip.peak_bf16)}/s "
                          f"per chip): {human_seconds(r['step_seconds_at_100pct_mfu'])}")
+        if "step_seconds_roofline" in r:
+            lines.append(f"  HBM-bound time (XLA's {human_bytes(r['xla_bytes_accessed_per_device'])} accessed per "
+                         f"chip / {chip.hbm_bandwidth / 1e9:.0f} GB/s): {human_seconds(r['step_seconds_hbm_bound'])}"
+                         f"; roofline step time {human_seconds(r['step_seconds_roofline'])}")
+    if r.get("pallas_kernel_calls"):
+        lines.append(f"Pallas kernel calls in the compiled step: {r['pallas_kernel_calls']}")
     if r.get("host_batch_error"):
         lines.append(f"WARNING: the step compiles, but the trainer's per-host batch split fails on this topology "
                      f"(training would stop before step 1): {r['host_batch_error']}")
