@@ -7,7 +7,9 @@
 - VQA: exact match and VQAv2-style soft accuracy (greedy decoding);
 - the VAE's ceiling on shapes-GenEval: scenes drawn for the same prompts, encoded and decoded by the frozen
   VAE (generation cannot score higher than its decoder allows);
-- a PNG grid of generated samples with their prompts.
+- a PNG grid of generated samples, each prompt written under its image;
+- beside every score its chance baseline (`evals/chance.py`: the same outputs scored against the other
+  examples' targets), so a score is read as "above chance by this much".
 """
 from __future__ import annotations
 
@@ -18,11 +20,11 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from unifluid_jax.data import pipeline, records, shapes
 from unifluid_jax.data.tokenizer import Tokenizer
-from unifluid_jax.evals import cider, fid, geneval, vqa
+from unifluid_jax.evals import chance, cider, fid, geneval, vqa
 from unifluid_jax.inference import decode, generate
 from unifluid_jax.models.unifluid import UniFluid
 
@@ -101,14 +103,45 @@ def answer(model: UniFluid, params, tokenizer, images: np.ndarray, questions: Se
     return out
 
 
-def save_grid(path: str, images: np.ndarray, cols: int = 8) -> None:
+def save_grid(path: str, images: np.ndarray, cols: int = 8, captions: Sequence[str] | None = None,
+              scale: int = 2) -> None:
+    """A PNG grid; with `captions`, each image is upscaled `scale`x (nearest) and its caption is written
+    under it, wrapped to the cell width."""
     n, h, w, _ = images.shape
+    if captions is None:
+        rows = -(-n // cols)
+        grid = np.zeros((rows * h, cols * w, 3), np.uint8)
+        for i, im in enumerate(images):
+            r, c = divmod(i, cols)
+            grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+        Image.fromarray(grid).save(path)
+        return
+    font = ImageFont.load_default(size=10)
+    cw, ih = w * scale + 8, h * scale
+    lines = [_wrap(t, font, cw - 4) for t in captions]
+    th = 12 * max(len(x) for x in lines) + 4
     rows = -(-n // cols)
-    grid = np.zeros((rows * h, cols * w, 3), np.uint8)
+    canvas = Image.new("RGB", (cols * cw, rows * (ih + th)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
-    Image.fromarray(grid).save(path)
+        x, y = c * cw + 4, r * (ih + th)
+        canvas.paste(Image.fromarray(im).resize((w * scale, ih), Image.Resampling.NEAREST), (x, y))
+        for k, line in enumerate(lines[i]):
+            draw.text((x, y + ih + 2 + 12 * k), line, fill=(0, 0, 0), font=font)
+    canvas.save(path)
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    lines, cur = [], ""
+    for word in text.split():
+        cand = f"{cur} {word}".strip()
+        if cur and font.getlength(cand) > width:
+            lines.append(cur)
+            cur = word
+        else:
+            cur = cand
+    return lines + [cur] if cur else lines
 
 
 def evaluate(model: UniFluid, params, data_dir: str, *, out_dir: str | None = None, split: str = "test",
@@ -129,6 +162,7 @@ def evaluate(model: UniFluid, params, data_dir: str, *, out_dir: str | None = No
                                     num_steps=num_steps, cfg_scale=cfg_scale, temperature=temperature)
         g = geneval.score_images(imgs, [s for _, s in pairs])
         results["geneval"] = {k: v for k, v in g.items() if k not in ("detections", "correct")}
+        results["geneval_chance"] = chance.geneval_chance([s for _, s in pairs], g["detections"])
         real = [pipeline.load_image(r["image"], c.vae.image_size) for r in _records(data_dir, split, "t2i", 256)]
         real = ((np.stack(real) + 1.0) * 127.5).round().astype(np.uint8)
         results["fd_shapes_features"] = fid.compute_fd(fid.shapes_features, imgs, real)
@@ -137,7 +171,8 @@ def evaluate(model: UniFluid, params, data_dir: str, *, out_dir: str | None = No
         ceiling = geneval.score_images(vae_roundtrip(model, params, drawn), [s for _, s in pairs])
         results["geneval_vae_ceiling"] = {k: v for k, v in ceiling.items() if k not in ("detections", "correct")}
         if out_dir:
-            save_grid(os.path.join(out_dir, "samples.png"), imgs[:32])
+            marks = [f"{p} [{'ok' if ok else 'miss'}]" for (p, _), ok in zip(pairs[:32], g["correct"])]
+            save_grid(os.path.join(out_dir, "samples.png"), imgs[:32], captions=marks)
             with open(os.path.join(out_dir, "samples.txt"), "w") as f:
                 f.write("\n".join(f"{i}: {p} -> {'ok' if ok else 'miss'}"
                                   for i, ((p, _), ok) in enumerate(zip(pairs[:32], g["correct"]))) + "\n")
@@ -149,6 +184,7 @@ def evaluate(model: UniFluid, params, data_dir: str, *, out_dir: str | None = No
         refs = [r["caption"] for r in recs]
         results["caption"] = {"cider": cider.cider_d(refs, preds)[0],
                               "exact_match": cider.caption_exact_match(preds, refs),
+                              "chance": chance.caption_chance(preds, refs),
                               "examples": [{"pred": p, "ref": r} for p, r in zip(preds[:5], refs[:5])]}
 
     if c.n_und and num_vqa:
@@ -158,6 +194,8 @@ def evaluate(model: UniFluid, params, data_dir: str, *, out_dir: str | None = No
         answers = [[r["answer"]] for r in recs]
         acc = vqa.vqa_accuracy(preds, answers, [r.get("qtype", "all") for r in recs])
         results["vqa"] = {k: v for k, v in acc.items() if not isinstance(v, (list, dict))}
+        results["vqa"]["chance"] = chance.vqa_chance(preds, [r["answer"] for r in recs],
+                                                     [r.get("qtype", "all") for r in recs])
         results["vqa"]["examples"] = [{"q": r["question"], "pred": p, "ref": r["answer"]}
                                       for r, p in zip(recs[:5], preds[:5])]
 
