@@ -170,10 +170,12 @@ def test_importer_skips_bad_images_and_duplicates(tmp_path):
         "duplicate": 1, "too_large": 1, "truncated": 1, "read_error": 1}
 
 
-@pytest.mark.parametrize("case", ["no_match", "unknown_format", "unwritable", "out_is_dir", "bad_flag"])
+@pytest.mark.parametrize("case", ["no_match", "dir_input", "unknown_format", "unwritable", "out_is_dir",
+                                  "bad_flag"])
 def test_bad_input_is_one_error_before_the_pipeline(inputs, tmp_path, capsys, case):
     (tmp_path / "afile").write_text("x")
     args = {"no_match": _args(tmp_path / "nothing-*.tar", "webdataset", tmp_path / "o" / "x"),
+            "dir_input": _args(inputs, "webdataset", tmp_path / "o" / "x"),
             "unknown_format": _args(inputs / "*.tar", "zip", tmp_path / "o" / "x"),
             "unwritable": _args(inputs / "*.tar", "webdataset", tmp_path / "afile" / "sub" / "x"),
             "out_is_dir": _args(inputs / "*.tar", "webdataset", tmp_path),
@@ -183,7 +185,7 @@ def test_bad_input_is_one_error_before_the_pipeline(inputs, tmp_path, capsys, ca
         pytest.skip("unknown flags are checked against Beam's options")
     assert ingest.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    want = {"no_match": "matches no files", "unknown_format": "unknown; choose one of", "unwritable": "is a file",
+    want = {"no_match": "matches no files", "dir_input": "matches no files", "unknown_format": "unknown; choose one of", "unwritable": "is a file",
             "out_is_dir": "is a folder", "bad_flag": "--num_shard_s"}[case]
     assert len(err) == 1 and err[0].startswith("ingest: error: ") and want in err[0], err
     assert sorted(os.listdir(tmp_path)) == before  # nothing created

@@ -74,8 +74,9 @@ def check_inputs(a: argparse.Namespace) -> list[str]:
         raise IngestError(f"--task={a.task!r}: use caption or t2i (vqa / edit come from --format)")
     files: list[str] = []
     for pattern in filter(None, (p.strip() for p in a.input.split(","))):
-        found = [f for f in (fs.glob(pattern) if fs.has_glob(pattern) else [pattern]) if fs.exists(f)]
-        if not found or not all(not fs.isdir(f) for f in found):
+        found = [f for f in (fs.glob(pattern) if fs.has_glob(pattern) else [pattern])
+                 if fs.exists(f) and not fs.isdir(f)]
+        if not found:
             raise IngestError(f"--input={pattern!r} matches no files; give a file or a glob (e.g. 'dir/*.tar')")
         files.extend(found)
     if not files:
