@@ -1,5 +1,7 @@
 """UniFluid 0.7B (paper ablation size; the backbone's exact shape is OPEN in the paper, see
-unifluid_jax/presets.py). Same recipe as configs/unifluid_2b.py."""
+unifluid_jax/presets.py). Same recipe and config args as configs/unifluid_2b.py, including the published starting
+weights siglip=PATH and vae=PATH[,vae_format=...]; there is no published Gemma of this shape, so gemma= only
+takes a checkpoint of the same stack (e.g. gemma=RUN,gemma_format=project... of an earlier 0.7B run)."""
 import importlib.util
 import pathlib
 
