@@ -32,11 +32,8 @@ def validate_config(section, path: str = "checkpoint") -> None:
     check_positive(section, path, "every_steps", "keep_every", allow_zero=True)
     check(section.max_to_keep is None or section.max_to_keep >= 1, f"{path}.max_to_keep",
           f"must be None or >= 1, got {section.max_to_keep!r}")
-    for i, sub in enumerate(section.get("init_subtrees", ())):
-        check(set(sub) <= {"workdir", "src", "dst"} and "dst" in sub, f"{path}.init_subtrees[{i}]",
-              f"expected dict(workdir=RUN_DIR, dst='sub/tree', src=''), got {dict(sub)}")
-        check(not sub["workdir"] or epath.Path(sub["workdir"]).exists(), f"{path}.init_subtrees[{i}].workdir",
-              f"no such directory {sub['workdir']!r} (a finished run's workdir)")
+    from unifluid_jax.train import init_weights  # published-weight formats (hf, flax, big_vision, ...)
+    init_weights.validate_entries(section.get("init_subtrees", ()), f"{path}.init_subtrees")
     allowed = section.get("allow_changed", ())
     check(isinstance(allowed, (tuple, list)) and all(isinstance(k, str) and k for k in allowed),
           f"{path}.allow_changed", f"expected a tuple of dotted config keys, e.g. ('optimizer.lr',), got {allowed!r}")

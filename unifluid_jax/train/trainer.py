@@ -8,7 +8,6 @@ Step numbering: "step N" is the state after N updates; checkpoints, logs and deb
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -26,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from unifluid_jax import fs
 from unifluid_jax.checks import check, check_choice, check_positive
 from unifluid_jax.train import checkpoint as ckpt_lib
+from unifluid_jax.train import init_weights
 from unifluid_jax.train import metrics as metrics_lib
 from unifluid_jax.train import optimizer as opt_lib
 from unifluid_jax.train import resume as resume_lib
@@ -297,20 +297,8 @@ class Trainer:
             if "ema_params" in state:
                 state["ema_params"] = jax.tree.map(jnp.copy, params)
             log.info("initialised params from %s step %d", init_from, src_step)
-        for sub in self.config.checkpoint.get("init_subtrees", ()):
-            # Another run's params into one subtree, e.g. a trained VAE into UniFluid's frozen `vae`.
-            if not sub["workdir"]:
-                continue
-            dst = [k for k in sub["dst"].split("/") if k]
-            target = functools.reduce(lambda t, k: t[k], dst, self.abstract_state["params"])
-            src = [k for k in sub.get("src", "").split("/") if k]
-            if src:
-                target = functools.reduce(lambda t, k: {k: t}, reversed(src), target)
-            params, src_step = ckpt_lib.restore_params_from(sub["workdir"], target)
-            params = functools.reduce(lambda t, k: t[k], src, params)
-            holder = functools.reduce(lambda t, k: t[k], dst[:-1], state["params"])
-            holder[dst[-1]] = params
-            log.info("initialised params/%s from %s step %d", "/".join(dst), sub["workdir"], src_step)
+        # Another run's or a published checkpoint's params into subtrees (e.g. Gemma-2 into `llm`).
+        init_weights.init_subtrees(state, self.abstract_state, self.config)
         return state, 0
 
     def run(self) -> dict:
