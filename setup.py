@@ -31,6 +31,10 @@ _TEST = [
 # extras, e.g. apache-beam[gcp]==2.71.0 for Dataflow.
 _BEAM = ["apache-beam==2.71.0"]
 
+# The PyTorch port (unifluid_jax/torch_port/, runs an exported folder without JAX). As for the tests, install
+# the CPU build of torch first (`pip install torch==2.13.0`; the bare requirement resolves to a CUDA build).
+_TORCH = ["torch==2.13.0", "transformers==5.23.0", "diffusers==0.42.1", "safetensors==0.8.0"]
+
 setuptools.setup(
     name="unifluid_jax",
     version="0.1.0",
@@ -38,5 +42,5 @@ setuptools.setup(
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["unifluid_jax", "unifluid_jax.*"]),
     install_requires=_REQUIREMENTS,
-    extras_require={"test": _TEST, "beam": _BEAM},
+    extras_require={"test": _TEST, "beam": _BEAM, "torch": _TORCH},
 )
