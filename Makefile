@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdir/demo
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo demo-long ablations test test-fast bench clean
 
 $(VENV)/.installed: requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) -m unifluid_jax.tools.demo --workdir=$(WORKDIR)
+
+# The same stages with the longer recipe (reaches the issue's targets; see README).
+demo-long: $(VENV)/.installed
+	$(PY) -m unifluid_jax.tools.demo --workdir=workdir/demo-long --preset=long
+
+# The paper's ablations at demo scale (configs/ablations.py): tables in workdir/ablations/ablations.md.
+ablations: $(VENV)/.installed
+	$(PY) -m unifluid_jax.tools.ablations --workdir=workdir/ablations
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests

@@ -60,14 +60,15 @@ def geneval_prompts(data_dir: str, limit: int) -> list[tuple[str, dict]]:
 
 
 def generate_for_prompts(model: UniFluid, params, tokenizer, prompts: Sequence[str], rng, *, batch_size: int,
-                         num_steps: int, cfg_scale: float, temperature: float) -> np.ndarray:
+                         num_steps: int, cfg_scale: float, temperature: float,
+                         cfg_schedule: str = "linear") -> np.ndarray:
     images = []
     for i, chunk in enumerate(_batched(list(prompts), batch_size)):
         n = len(chunk)
         chunk = list(chunk) + [chunk[-1]] * (batch_size - n)  # one compiled shape
         batch = generate.prompt_batch(model.config, chunk, tokenizer=tokenizer)
         imgs, _ = generate.generate_images(model, params, batch, jax.random.fold_in(rng, i), num_steps=num_steps,
-                                           cfg_scale=cfg_scale, temperature=temperature)
+                                           cfg_scale=cfg_scale, temperature=temperature, cfg_schedule=cfg_schedule)
         images.append(generate.to_uint8(imgs)[:n])
     return np.concatenate(images)
 
@@ -147,7 +148,7 @@ def _wrap(text: str, font, width: int) -> list[str]:
 def evaluate(model: UniFluid, params, data_dir: str, *, out_dir: str | None = None, split: str = "test",
              num_geneval: int = 48, num_caption: int = 64, num_vqa: int = 64, batch_size: int = 16,
              num_steps: int = 100, cfg_scale: float = 3.0, temperature: float = 1.0,
-             caption_prompt: str = "caption en", seed: int = 0) -> dict:
+             cfg_schedule: str = "linear", caption_prompt: str = "caption en", seed: int = 0) -> dict:
     """All evaluators on one model; writes eval_results.json and samples.png (+ prompts) to `out_dir`."""
     c = model.config
     tok = Tokenizer(os.path.join(data_dir, "tokenizer.model"))
@@ -159,7 +160,8 @@ def evaluate(model: UniFluid, params, data_dir: str, *, out_dir: str | None = No
     if num_geneval:
         pairs = geneval_prompts(data_dir, num_geneval)
         imgs = generate_for_prompts(model, params, tok, [p for p, _ in pairs], rng, batch_size=batch_size,
-                                    num_steps=num_steps, cfg_scale=cfg_scale, temperature=temperature)
+                                    num_steps=num_steps, cfg_scale=cfg_scale, temperature=temperature,
+                                    cfg_schedule=cfg_schedule)
         g = geneval.score_images(imgs, [s for _, s in pairs])
         results["geneval"] = {k: v for k, v in g.items() if k not in ("detections", "correct")}
         results["geneval_chance"] = chance.geneval_chance([s for _, s in pairs], g["detections"])

@@ -1,33 +1,56 @@
 """The embedded end-to-end demo (`make demo`): data -> VAE -> UniFluid -> evaluation, resumable.
 
-    python -m unifluid_jax.tools.demo --workdir=workdir/demo [--vae_steps=1000 --steps=1200 --quick]
+    python -m unifluid_jax.tools.demo --workdir=workdir/demo [--preset=short|long|quick] [--seed=0]
 
-Stages (each skipped when its output exists, so re-running resumes instead of starting over; the two
-training stages also resume mid-run from their checkpoints):
-  1. build the shapes dataset + SentencePiece tokenizer      -> WORKDIR/shapes
+Stages (each skipped when its output exists, so re-running resumes instead of starting over; the training
+stages also resume mid-run from their checkpoints):
+  1. build the shapes dataset + SentencePiece tokenizer                          -> WORKDIR/shapes
   2. train the small KL-VAE, measure held-out PSNR and the latent scaling factor -> WORKDIR/vae
-  3. train the small UniFluid on mixed t2i + caption + vqa with the VAE frozen    -> WORKDIR/unifluid
-  4. evaluate: shapes-GenEval, FD, CIDEr, VQA accuracy, sample grid              -> WORKDIR/eval
-and writes WORKDIR/demo_summary.json with every number and where the time went.
+  3. train UniFluid on mixed t2i + caption + vqa with the VAE frozen             -> WORKDIR/unifluid
+  4. evaluate: shapes-GenEval, FD, CIDEr, VQA accuracy, each beside its chance baseline; sample grid
+                                                                                 -> WORKDIR/eval
+and writes WORKDIR/demo_summary.json with every number and where the time went. Each stage prints one
+progress line. `--seed` changes the dataset (scenes, GenEval prompts), the initialisation and the data order.
+
+The recipe (PRESETS) is the measured one; the README's demo section gives the table of what was tried.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import time
+import warnings
 
 from absl import app, flags, logging as absl_logging
 
 FLAGS = flags.FLAGS
 
+# Every knob of the recipe, per preset. `unifluid` is the arg string of configs/unifluid_demo.py (so a stage is
+# reproducible with `python -m unifluid_jax.main --config=configs/unifluid_demo.py:...`).
+PRESETS = {
+    "short": dict(num_train=8000, geneval_fraction=1.0, vae_steps=1000, steps=1200, num_eval=25,
+                  unifluid="mix=t2i:2/caption:0.5/vqa:0.5,order=raster,batch_mul=2,text_weight=0.05,"
+                           "train_siglip=1,lr=1e-3,batch=32",
+                  cfg_scale=3.0, cfg_schedule="constant", temperature=0.7, num_sample_steps=50),
+    "long": dict(num_train=20000, geneval_fraction=1.0, vae_steps=1000, steps=6000, num_eval=25,
+                 unifluid="mix=t2i:2/caption:0.5/vqa:0.5,order=raster,batch_mul=2,text_weight=0.05,"
+                          "train_siglip=1,lr=1e-3,batch=32",
+                 cfg_scale=3.0, cfg_schedule="constant", temperature=0.7, num_sample_steps=50),
+    "quick": dict(num_train=64, geneval_fraction=1.0, vae_steps=20, steps=10, num_eval=2,
+                  unifluid="mix=t2i:2/caption:0.5/vqa:0.5,order=raster,batch_mul=2,text_weight=0.05,"
+                           "train_siglip=1,lr=1e-3,batch=8",
+                  cfg_scale=3.0, cfg_schedule="constant", temperature=0.7, num_sample_steps=20),
+}
+
 
 def _define_flags():
     """Defined only when run as a program, so importing `run` never clashes with main.py's flags."""
     flags.DEFINE_string("workdir", "workdir/demo", "output directory")
-    flags.DEFINE_integer("vae_steps", 1000, "VAE training steps")
-    flags.DEFINE_integer("steps", 1200, "UniFluid training steps")
-    flags.DEFINE_integer("num_train", 4000, "training scenes (each gives one record per task)")
-    flags.DEFINE_bool("quick", False, "a tiny smoke run (few steps, small eval) for tests")
+    flags.DEFINE_enum("preset", "short", sorted(PRESETS), "recipe: short (~20 min on 2 CPU cores), long, quick")
+    flags.DEFINE_integer("seed", 0, "dataset / initialisation / data-order seed")
+    flags.DEFINE_bool("quick", False, "same as --preset=quick (a one-minute smoke run)")
 
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
@@ -46,6 +69,44 @@ def _log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+class _ProgressLine(logging.Handler):
+    """Turns the trainer's per-log-step lines into ONE progress line per stage: rewritten in place on a
+    terminal, printed once at the end of the stage otherwise (CI logs)."""
+
+    def __init__(self, stage: str):
+        super().__init__(logging.INFO)
+        self.stage, self.last, self.tty = stage, "", sys.stdout.isatty()
+
+    def emit(self, record):
+        if not record.msg.startswith("step "):
+            return
+        step, total, shown, rates, eta = record.args
+        keep = [kv for kv in shown.split() if kv.split("=")[0] in ("loss", "visual_loss", "text_loss", "psnr")]
+        self.last = f"    {self.stage}: step {step}/{total} {' '.join(keep)}{rates}{eta}"
+        if self.tty:
+            print("\r" + self.last.ljust(120), end="", flush=True)
+
+    def close_line(self):
+        if self.last:
+            print(("\r" + self.last.ljust(120)) if self.tty else self.last, flush=True)
+        super().close()
+
+
+def _train(cfg, run_dir: str, stage: str):
+    from unifluid_jax.train import trainer
+    handler = _ProgressLine(stage)
+    logger = logging.getLogger("unifluid_jax.train.metrics")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    logger.propagate = False  # the stage's line replaces the per-step log lines
+    try:
+        trainer.Trainer(cfg, run_dir).run()
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+        handler.close_line()
+
+
 def _finished(run_dir: str, steps: int) -> bool:
     """A training stage is done when its final checkpoint and summary exist (re-running it would only
     rewrite the summary)."""
@@ -53,75 +114,92 @@ def _finished(run_dir: str, steps: int) -> bool:
             and os.path.exists(os.path.join(run_dir, "metrics_summary.json")))
 
 
-def run(workdir: str, *, vae_steps: int, steps: int, num_train: int, quick: bool = False) -> dict:
-    workdir = os.path.abspath(workdir)
-    import jax
-
+def prepare(workdir: str, p: dict, seed: int) -> tuple[str, str, dict]:
+    """Stages 1-2 (dataset, VAE) in `workdir`; returns (data_dir, vae_dir, vae_stats)."""
     from unifluid_jax import config as config_lib
-    from unifluid_jax.evals import suite
-    from unifluid_jax.models import unifluid
     from unifluid_jax.tools import build_shapes
-    from unifluid_jax.train import checkpoint as ckpt_lib
-    from unifluid_jax.train import trainer
-
-    os.makedirs(workdir, exist_ok=True)
-    times: dict[str, float] = {}
     data_dir = os.path.join(workdir, "shapes")
-
-    t = time.perf_counter()
     if not os.path.exists(os.path.join(data_dir, "metadata.json")):
-        _log(f"1/4 building the shapes dataset ({num_train} scenes x 4 tasks) in {data_dir}")
-        build_shapes.build(data_dir, size=64, num_train=num_train, num_val=256, num_test=256,
-                           num_geneval=8 if quick else 16)
-    times["data"] = time.perf_counter() - t
-
-    t = time.perf_counter()
+        _log(f"1/4 building the shapes dataset ({p['num_train']} scenes x 4 tasks, seed {seed}) in {data_dir}")
+        build_shapes.build(data_dir, size=64, num_train=p["num_train"], num_val=256, num_test=256, seed=seed,
+                           num_geneval=p["num_eval"], geneval_fraction=p["geneval_fraction"])
     vae_dir = os.path.join(workdir, "vae")
-    vae_cfg = _load_config("vae_tiny", f"data={data_dir},steps={vae_steps}")
+    vae_cfg = _load_config("vae_tiny", f"data={data_dir},steps={p['vae_steps']}")
+    vae_cfg.seed = seed
     config_lib.validate(vae_cfg)
-    if not _finished(vae_dir, vae_steps):
-        _log(f"2/4 training the VAE for {vae_steps} steps -> {vae_dir}")
-        trainer.Trainer(vae_cfg, vae_dir).run()
+    if not _finished(vae_dir, p["vae_steps"]):
+        _log(f"2/4 training the VAE for {p['vae_steps']} steps -> {vae_dir}")
+        _train(vae_cfg, vae_dir, "VAE")
     with open(os.path.join(vae_dir, "vae_stats.json")) as f:
         vae_stats = json.load(f)
+    return data_dir, vae_dir, vae_stats
+
+
+def train_unifluid(run_dir: str, p: dict, seed: int, data_dir: str, vae_dir: str, vae_stats: dict,
+                   extra_arg: str = ""):
+    """Stage 3: UniFluid with the preset's recipe (+ `extra_arg`, later keys win); returns its config."""
+    from unifluid_jax import config as config_lib
+    arg = (f"data={data_dir},vae={vae_dir},steps={p['steps']},scaling={vae_stats['scaling_factor']},"
+           f"seed={seed},{p['unifluid']}" + (f",{extra_arg}" if extra_arg else ""))
+    cfg = _load_config("unifluid_demo", arg)
+    config_lib.validate(cfg)
+    if not _finished(run_dir, p["steps"]):
+        _log(f"3/4 training UniFluid for {p['steps']} steps (VAE frozen) -> {run_dir}")
+        _train(cfg, run_dir, "UniFluid")
+    return cfg
+
+
+def evaluate(eval_dir: str, p: dict, seed: int, cfg, run_dir: str, data_dir: str) -> dict:
+    """Stage 4: the eval suite on the run's serving params (cached in eval_dir for the run's last step)."""
+    import jax
+
+    from unifluid_jax.evals import suite
+    from unifluid_jax.models import unifluid
+    from unifluid_jax.train import checkpoint as ckpt_lib
+    results_path = os.path.join(eval_dir, "eval_results.json")
+    if os.path.exists(results_path) and json.load(open(results_path)).get("step") == p["steps"]:
+        return json.load(open(results_path))
+    _log(f"4/4 evaluating -> {eval_dir}")
+    model_cfg = unifluid.config_from_dict(cfg.model)
+    params = ckpt_lib.serving_params(ckpt_lib.load_numpy(run_dir))
+    n = 6 * p["num_eval"]
+    tasks = {s["path"].rstrip("/").split("/")[-1] for s in cfg.data.sources}
+    variables = {"params": jax.tree.map(jax.numpy.asarray, params)}
+    results = suite.evaluate(unifluid.UniFluid(model_cfg), variables, data_dir, out_dir=eval_dir,
+                             num_geneval=n if "t2i" in tasks else 0,
+                             num_caption=n if "caption" in tasks else 0, num_vqa=n if "vqa" in tasks else 0,
+                             num_steps=p["num_sample_steps"], cfg_scale=p["cfg_scale"],
+                             cfg_schedule=p["cfg_schedule"], temperature=p["temperature"], seed=seed)
+    results["step"] = p["steps"]
+    with open(results_path, "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    return results
+
+
+def run(workdir: str, *, preset: str = "short", seed: int = 0, **overrides) -> dict:
+    """Runs (or resumes) the demo; `overrides` replace preset entries (tests use small values)."""
+    p = {**PRESETS[preset], **overrides}
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    data_dir, vae_dir, vae_stats = prepare(workdir, p, seed)
     _log(f"    VAE held-out PSNR {vae_stats['psnr_init']:.2f} dB (init) -> {vae_stats['psnr']:.2f} dB; "
          f"latent scaling factor {vae_stats['scaling_factor']:.4f}")
-    times["vae"] = time.perf_counter() - t
-
+    times["data+vae"] = time.perf_counter() - t
     t = time.perf_counter()
     uf_dir = os.path.join(workdir, "unifluid")
-    uf_cfg = _load_config("unifluid_demo", f"data={data_dir},vae={vae_dir},steps={steps},"
-                                           f"scaling={vae_stats['scaling_factor']}")
-    config_lib.validate(uf_cfg)
-    if not _finished(uf_dir, steps):
-        _log(f"3/4 training UniFluid for {steps} steps (t2i + caption + vqa, VAE frozen) -> {uf_dir}")
-        trainer.Trainer(uf_cfg, uf_dir).run()
+    cfg = train_unifluid(uf_dir, p, seed, data_dir, vae_dir, vae_stats)
     with open(os.path.join(uf_dir, "metrics_summary.json")) as f:
         train_summary = json.load(f)
     times["unifluid"] = time.perf_counter() - t
-
     t = time.perf_counter()
-    eval_dir = os.path.join(workdir, "eval")
-    results_path = os.path.join(eval_dir, "eval_results.json")
-    if os.path.exists(results_path) and json.load(open(results_path)).get("step") == steps:
-        results = json.load(open(results_path))
-    else:
-        _log(f"4/4 evaluating -> {eval_dir}")
-        model_cfg = unifluid.config_from_dict(uf_cfg.model)
-        params = ckpt_lib.serving_params(ckpt_lib.load_numpy(uf_dir))
-        n = 8 if quick else 48
-        variables = {"params": jax.tree.map(jax.numpy.asarray, params)}
-        results = suite.evaluate(unifluid.UniFluid(model_cfg), variables, data_dir,
-                                 out_dir=eval_dir, num_geneval=n, num_caption=n, num_vqa=n,
-                                 num_steps=20 if quick else 50, cfg_scale=2.0)
-        results["step"] = steps
-        with open(results_path, "w") as f:
-            json.dump(results, f, indent=1, default=float)
+    results = evaluate(os.path.join(workdir, "eval"), p, seed, cfg, uf_dir, data_dir)
     times["eval"] = time.perf_counter() - t
 
     metrics = train_summary.get("metrics", {})
-    summary = {"vae": vae_stats, "unifluid_train": {k: metrics[k]["mean_last10"] for k in sorted(metrics)
-                                                    if k.startswith("train/")},
+    summary = {"preset": preset, "seed": seed, "recipe": p, "vae": vae_stats,
+               "unifluid_train": {k: metrics[k]["mean_last10"] for k in sorted(metrics) if k.startswith("train/")},
                "loss_curve_first_last": [train_summary.get("loss_curve", [])[:1],
                                          train_summary.get("loss_curve", [])[-1:]],
                "eval": results, "seconds": times}
@@ -138,16 +216,21 @@ def _print_summary(s: dict, workdir: str) -> None:
                  f"{k.split('/')[-1]}={v:.4g}" for k, v in s["unifluid_train"].items()
                  if k.split("/")[-1] in ("loss", "visual_loss", "text_loss", "caption_token_acc", "vqa_token_acc"))]
     if "geneval" in e:
-        lines.append("shapes-GenEval: " + ", ".join(f"{k}={v:.2f}" for k, v in e["geneval"].items()
-                                                   if isinstance(v, float)))
+        ch = e.get("geneval_chance", {})
+        lines.append("shapes-GenEval (chance in brackets): " + ", ".join(
+            f"{k}={v:.2f} [{ch.get(k, float('nan')):.2f}]" for k, v in e["geneval"].items() if isinstance(v, float)))
         if "geneval_vae_ceiling" in e:
             lines.append(f"  (the VAE's ceiling: drawn scenes through the VAE score "
                          f"{e['geneval_vae_ceiling']['overall']:.2f} overall)")
         lines.append(f"FD (shapes features, not Inception): {e['fd_shapes_features']:.3f}")
     if "caption" in e:
-        lines.append(f"captions: CIDEr-D={e['caption']['cider']:.3f} exact={e['caption']['exact_match']:.2f}")
+        c = e["caption"]
+        lines.append(f"captions: exact={c['exact_match']:.2f} [{c['chance']['exact_match']:.2f}] "
+                     f"CIDEr-D={c['cider']:.3f} [{c['chance']['cider']:.3f}]")
     if "vqa" in e:
-        lines.append(f"VQA: exact={e['vqa']['exact_match']:.2f} soft={e['vqa']['soft_accuracy']:.2f}")
+        v = e["vqa"]
+        lines.append(f"VQA: exact={v['exact_match']:.2f} [{v['chance']['exact_match']:.2f}] "
+                     f"soft={v['soft_accuracy']:.2f}")
     lines.append("time (s): " + ", ".join(f"{k}={v:.0f}" for k, v in s["seconds"].items()))
     lines.append(f"samples: {os.path.join(workdir, 'eval', 'samples.png')}; all numbers: "
                  f"{os.path.join(workdir, 'demo_summary.json')}")
@@ -156,12 +239,13 @@ def _print_summary(s: dict, workdir: str) -> None:
 
 def main(argv):
     del argv
-    import logging
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger("unifluid_jax").setLevel(logging.INFO)
-    q = FLAGS.quick
-    run(FLAGS.workdir, vae_steps=20 if q else FLAGS.vae_steps, steps=20 if q else FLAGS.steps,
-        num_train=200 if q else FLAGS.num_train, quick=q)
+    # One line per stage: orbax/grain notices and the trainer's own info lines stay out; warnings and errors
+    # (something is wrong) still show.
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    logging.getLogger("unifluid_jax").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    run(FLAGS.workdir, preset="quick" if FLAGS.quick else FLAGS.preset, seed=FLAGS.seed)
 
 
 if __name__ == "__main__":
