@@ -199,6 +199,12 @@ def load_image(data, size: int, resample: str = "bicubic") -> np.ndarray:
     return images.load(data, size, resample)
 
 
+def log_skip(ex: dict) -> None:
+    """Logs a skip marker's record id and reason (rate-limited per process; the counts stay exact in
+    num_skipped)."""
+    _SKIP_LOG.log(SKIP_REASONS[ex["_skip"]], ex.get("_id"), ex.get("_why"))
+
+
 def _skip(reason: str, why: str = "") -> dict:
     return {"_skip": SKIP_REASONS.index(reason), "_why": why}
 
@@ -399,7 +405,7 @@ class _SkipCountingBatchIterator(grain.DatasetIterator):
                 break
             if "_skip" in ex:
                 skipped[ex["_skip"]] += 1
-                _SKIP_LOG.log(SKIP_REASONS[ex["_skip"]], ex.get("_id"), ex.get("_why"))
+                log_skip(ex)
                 run += 1
                 if run >= self._max_skips:
                     counts = {r: int(n) for r, n in zip(SKIP_REASONS, skipped) if n}
