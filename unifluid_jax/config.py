@@ -118,8 +118,10 @@ def defaults():
     c.checkpoint = dict(every_steps=1000, max_to_keep=3, keep_every=0, async_save=True, restore_data=True,
                         allow_changed=(),
                         init_from="", init_from_step=ml_collections.FieldReference(None, field_type=int))
+    # heartbeat_timeout_s: a process silent this long is lost; the others stop with one message naming it
+    # (train/watchdog.py; 0 = off, jax's own detection then aborts after 100 s).
     c.distributed = dict(mode="auto", coordinator_address="", num_processes=-1, process_id=-1,
-                         local_device_ids=())
+                         local_device_ids=(), heartbeat_timeout_s=60.0)
     # Test/debug switches; all off by default.
     c.debug = dict(nan_at_step=-1, kill_at_step=-1, kill_in_save_at_step=-1, step_sleep_secs=0.0,
                    log_batch_fingerprints=False)

@@ -3,11 +3,14 @@ import json
 import re
 import socket
 import subprocess
+import time
 
 import pytest
 
 from unifluid_jax.train import trainer as trainer_lib
+from unifluid_jax.train import watchdog
 from tests.train import runner
+from tests.train.test_resume import _wait_for_lines
 
 MESH = ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.train.log_every=1")
 
@@ -71,3 +74,33 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
     assert sorted(first) == [1, 2, 3, 4, 5] and sorted(resumed) == [6] and sorted(c1) == [1, 2, 3, 4, 5, 6]
     for s, v in {**first, **resumed}.items():
         assert abs(v - c1[s]) <= 1e-5 * abs(c1[s]), (s, v, c1[s])
+
+
+@pytest.mark.slow
+def test_lost_process_stops_the_others_with_one_message(tmp_path):
+    """kill -9 of process 1 mid-run: process 0 stops within the heartbeat timeout and names process 1."""
+    port, timeout_s = _free_port(), 10
+    procs = []
+    for pid in range(2):
+        log = open(tmp_path / f"lost.p{pid}.log", "w+")
+        procs.append((log, runner.start_main(
+            "configs/lm_tiny.py:steps=1000", tmp_path / "w", *MESH,
+            f"--config.distributed.heartbeat_timeout_s={timeout_s}", "--config.debug.step_sleep_secs=0.2", "--config.debug.log_batch_fingerprints=True", devices=4, log=log,
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=pid)))
+    (log0, p0), (_, p1) = procs
+    try:
+        _wait_for_lines(tmp_path / "w" / "batch_fingerprints.p1.txt", 3, p1)
+        p1.kill()
+        t_kill = time.monotonic()
+        rc = p0.wait(timeout=120)
+        stopped_after = time.monotonic() - t_kill
+    finally:
+        for _, p in procs:
+            if p.poll() is None:
+                p.kill()
+    log0.seek(0)
+    out = log0.read()
+    assert rc == watchdog.EXIT_LOST_PEER, out[-3000:]
+    assert out.count("LostProcessError: process 1 of 2 sent no heartbeat") == 1, out[-3000:]
+    assert "Traceback" not in out and "Check failed" not in out, out[-3000:]
+    assert stopped_after < timeout_s + 30, stopped_after  # the timeout, one beat interval, a loaded machine

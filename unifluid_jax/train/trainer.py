@@ -31,6 +31,7 @@ from unifluid_jax.train import optimizer as opt_lib
 from unifluid_jax.train import resume as resume_lib
 from unifluid_jax.train import sharding
 from unifluid_jax.train import signals
+from unifluid_jax.train import watchdog
 from unifluid_jax.train import task as task_lib
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def validate_config(train, path: str = "train") -> None:
 
 def validate_distributed(section, path: str = "distributed") -> None:
     check_choice(section.mode, f"{path}.mode", ("auto", "on", "off"))
+    check_positive(section, path, "heartbeat_timeout_s", allow_zero=True)
     if section.mode == "on" and not section.coordinator_address:
         check(bool(os.environ.get("JAX_COORDINATOR_ADDRESS")), f"{path}.coordinator_address",
               "mode='on' needs coordinator_address (or $JAX_COORDINATOR_ADDRESS), e.g. '10.0.0.1:1234'")
@@ -80,7 +82,11 @@ def maybe_initialize_distributed(section) -> None:
         kwargs["process_id"] = pid
     if section.get("local_device_ids"):
         kwargs["local_device_ids"] = list(section.local_device_ids)
+    timeout = float(section.get("heartbeat_timeout_s", 0) or 0)
+    if timeout > 0:  # jax's own detection (an abort with a C++ stack) only after our watchdog's message
+        kwargs["heartbeat_timeout_seconds"] = int(2 * timeout + 10)
     jax.distributed.initialize(**kwargs)
+    watchdog.start(section)
     log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
