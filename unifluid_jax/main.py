@@ -25,6 +25,7 @@ MODES: dict[str, str] = {
     "vqa": "unifluid_jax.inference.cli:vqa",
     "edit": "unifluid_jax.inference.cli:edit",
     "eval": "unifluid_jax.inference.cli:evaluate",
+    "fid_eval": "unifluid_jax.evals.coco:run",
     "export": "unifluid_jax.convert.unifluid:export_run",
 }
 

@@ -20,6 +20,7 @@ Preprocessing (`preprocess`, uint8 [B, H, W, 3] -> network input in [-1, 1] at 2
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -189,27 +190,27 @@ def _torch_bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
-@jax.jit
-def _pytorch_fid_input(images):
+@functools.partial(jax.jit, static_argnums=1)
+def _pytorch_fid_input(images, size: int):
     x = images.astype(jnp.float32) / 255.0
     _, H, W, _ = x.shape
-    mh, mw = _torch_bilinear_matrix(H, SIZE), _torch_bilinear_matrix(W, SIZE)
+    mh, mw = _torch_bilinear_matrix(H, size), _torch_bilinear_matrix(W, size)
     hp = jax.lax.Precision.HIGHEST  # the two separable passes in torch's order: along W, then H
     x = jnp.einsum("pw,bhwc->bhpc", mw, x, precision=hp)
     x = jnp.einsum("oh,bhpc->bopc", mh, x, precision=hp)
     return 2 * x - 1
 
 
-def _pil_bicubic_float(channel: np.ndarray) -> np.ndarray:
+def _pil_bicubic_float(channel: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
-    img = Image.fromarray(channel.astype(np.float32), mode="F").resize((SIZE, SIZE), resample=Image.BICUBIC)
+    img = Image.fromarray(channel.astype(np.float32), mode="F").resize((size, size), resample=Image.BICUBIC)
     return np.asarray(img).clip(0, 255)
 
 
-def clean_resize(images) -> np.ndarray:
+def clean_resize(images, size: int = SIZE) -> np.ndarray:
     """clean-fid 'clean' resize: [B, H, W, 3] uint8 -> float32 [B, 299, 299, 3] in [0, 255]."""
     images = np.asarray(images)
-    return np.stack([np.stack([_pil_bicubic_float(im[..., c]) for c in range(3)], -1)
+    return np.stack([np.stack([_pil_bicubic_float(im[..., c], size) for c in range(3)], -1)
                      for im in images]).astype(np.float32)
 
 
@@ -220,15 +221,17 @@ def check_images(images) -> None:
                          "inference.generate.to_uint8")
 
 
-def preprocess(images, mode: str = "clean") -> jax.Array:
-    """uint8 [B, H, W, 3] -> float32 [B, 299, 299, 3] network input in [-1, 1] (see module doc for modes)."""
+def preprocess(images, mode: str = "clean", size: int = SIZE) -> jax.Array:
+    """uint8 [B, H, W, 3] -> float32 [B, 299, 299, 3] network input in [-1, 1] (see module doc for modes).
+    `size` other than 299 (the network is fully convolutional, >= 75) only for cheap tests: FIDs computed at
+    another size are not comparable to published ones."""
     if mode not in MODES:
         raise ValueError(f"Inception preprocessing mode {mode!r} is unknown; choose one of {MODES}")
     images = np.asarray(images)
     check_images(images)
     if mode == "pytorch_fid":
-        return _pytorch_fid_input(images)
-    return jnp.asarray((clean_resize(images) - 128.0) / 128.0)
+        return _pytorch_fid_input(images, size)
+    return jnp.asarray((clean_resize(images, size) - 128.0) / 128.0)
 
 
 @dataclasses.dataclass
@@ -236,6 +239,8 @@ class Extractor:
     """Features of uint8 images under one preprocessing mode: `extractor(images) -> dict of numpy`."""
     params: dict
     mode: str = "clean"
+    size: int = SIZE
+    put: object = None  # optional: places the preprocessed batch (e.g. sharded over a mesh's data axis)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -243,7 +248,8 @@ class Extractor:
         self._apply = jax.jit(FIDInceptionV3().apply)
 
     def __call__(self, images) -> dict[str, np.ndarray]:
-        out = self._apply(self.params, preprocess(images, self.mode))
+        x = preprocess(images, self.mode, self.size)
+        out = self._apply(self.params, self.put(x) if self.put else x)
         return {k: np.asarray(v) for k, v in out.items()}
 
     def pool3(self, images) -> np.ndarray:

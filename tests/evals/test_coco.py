@@ -1,0 +1,153 @@
+"""--mode=fid_eval: bad inputs fail before anything compiles; one device, an 8-device mesh and two processes
+give the same images and metrics; a run killed mid-way and restarted ends with the uninterrupted run's numbers."""
+import json
+import socket
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.train import runner
+from unifluid_jax import main
+from unifluid_jax.config import ConfigError
+from unifluid_jax.convert import inception as inception_convert
+from unifluid_jax.evals import inception
+from unifluid_jax.train import trainer
+
+pytestmark = pytest.mark.xdist_group("fid_eval")
+CONFIG = "tests/evals/fid_eval_config.py"
+PROMPTS = [f"a photo of a {c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square",
+                                                                                          "triangle", "cross", "star")]
+BATCH = 8  # 20 prompts: batches of 8, 8, 4 (+4 padding rows)
+
+
+def _inputs(root, weights=True):
+    """Prompts file, pool3 reference stats (pytorch-fid's layout) and an Inception weights file (a Flax init
+    exported by the converter, whose parity with pytorch-fid test_inception.py checks)."""
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    rng = np.random.default_rng(0)
+    np.savez(str(root / "ref.npz"), mu=rng.normal(size=2048) * 0.1, sigma=np.eye(2048) * 0.02)
+    if weights:
+        params = jax.jit(inception.FIDInceptionV3().init)(jax.random.key(0), jnp.zeros((1, 75, 75, 3)))
+        inception_convert.save(params, str(root / "pt_inception-test.pth"))
+    return root
+
+
+def _overrides(root, out, **fid_eval):
+    s = {**dict(inception=str(root / "pt_inception-test.pth"), ref_stats=str(root / "ref.npz"), mode="clean",
+                splits=2, inception_size=75), **fid_eval}
+    return ([f"--config.infer.prompts={root / 'prompts.txt'}", f"--config.infer.out={out}",
+             f"--config.infer.batch_size={BATCH}", "--config.infer.num_steps=4", "--mode=fid_eval"] +
+            [f"--config.fid_eval.{k}={v}" for k, v in s.items()])
+
+
+def _config(shapes_dir, root, out, **fid_eval):
+    cfg = runner.load_config(CONFIG, f"data={shapes_dir},steps=2,batch=8")
+    cfg.mesh = dict(data=-1, fsdp=1, tensor=1)
+    for o in _overrides(root, out, **fid_eval):
+        if o.startswith("--config."):
+            key, val = o[len("--config."):].split("=", 1)
+            sec, name = key.split(".")
+            cfg[sec][name] = type(cfg[sec][name])(val)
+    return cfg
+
+
+def test_bad_inputs_fail_first(shapes_dir, tmp_path):
+    root = _inputs(tmp_path, weights=False)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    cfg = _config(shapes_dir, root, tmp_path / "out")
+    cfg.infer.prompts = str(empty)
+    with pytest.raises(ConfigError, match="empty.txt.*has no entries"):
+        main.run(cfg, str(tmp_path / "no_run"), "fid_eval")
+    cfg = _config(shapes_dir, root, tmp_path / "out", inception=str(tmp_path / "missing.pth"))
+    with pytest.raises(ConfigError, match="missing.pth.*pt_inception-2015-12-05-6726825d.pth"):
+        main.run(cfg, str(tmp_path / "no_run"), "fid_eval")
+    np.savez(str(tmp_path / "ref64.npz"), mu=np.zeros(64), sigma=np.eye(64))
+    cfg = _config(shapes_dir, root, tmp_path / "out", ref_stats=str(tmp_path / "ref64.npz"))
+    with pytest.raises(ConfigError, match="ref64.npz has feature dim 64.*2048"):
+        main.run(cfg, str(tmp_path / "no_run"), "fid_eval")
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(shapes_dir, root, run, out, devices, log, **env):
+    return runner.start_main(f"{CONFIG}:data={shapes_dir},steps=2,batch=8", run, *_overrides(root, out),
+                             "--config.mesh.data=-1", devices=devices, log=log, **env)
+
+
+def _wait(procs, logs, timeout=900):
+    for p, log in zip(procs, logs):
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        log.seek(0)
+        assert rc == 0, log.read()[-4000:]
+
+
+def _images(out):
+    files = sorted((out / "images").iterdir())
+    assert [f.name for f in files] == [f"{i:06d}.png" for i in range(len(PROMPTS))]
+    return np.stack([np.asarray(Image.open(f)) for f in files])
+
+
+def _results(out):
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_devices_processes_and_resume_agree(shapes_dir, tmp_path):
+    root = _inputs(tmp_path)
+    run = tmp_path / "run"
+    trainer.Trainer(_config(shapes_dir, root, tmp_path / "x"), str(run)).run()
+    logs = [open(tmp_path / f"{n}.log", "w+") for n in ("one", "p0", "p1")]
+    port = _free_port()
+    procs = [_start(shapes_dir, root, run, tmp_path / "one", 1, logs[0])]
+    procs += [_start(shapes_dir, root, run, tmp_path / "two", 4, logs[1 + pid],
+                     JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=pid)
+              for pid in range(2)]
+    eight = main.run(_config(shapes_dir, root, tmp_path / "eight"), str(run), "fid_eval")  # this process: 8 devices
+    _wait(procs, logs)
+    one = _results(tmp_path / "one")
+    assert one["num_images"] == len(PROMPTS) and np.isfinite(one["fid"]) and one["inception_score"] >= 1
+    ref_images = _images(tmp_path / "one")
+    assert ref_images.shape == (20, 64, 64, 3) and ref_images.std() > 0
+    for name, res in (("eight", eight), ("two", _results(tmp_path / "two"))):
+        np.testing.assert_array_equal(_images(tmp_path / name), ref_images, err_msg=name)
+        for k in ("fid", "inception_score"):
+            assert res[k] == pytest.approx(one[k], rel=1e-5), (name, k, res[k], one[k])
+    assert "process 0: " in open(tmp_path / "p0.log").read() and "ETA" in open(tmp_path / "p0.log").read()
+
+    # Kill after the first batch's features are written, restart: the rest is generated, the first batch not.
+    killed = tmp_path / "killed"
+    log = open(tmp_path / "killed.log", "w+")
+    p = _start(shapes_dir, root, run, killed, 1, log)
+    first = killed / "features" / "000000.npz"
+    while not first.exists():
+        assert p.poll() is None, open(tmp_path / "killed.log").read()[-3000:]
+        time.sleep(0.05)
+    p.kill()
+    p.wait()
+    done = sorted(f.name for f in (killed / "features").iterdir() if f.suffix == ".npz")
+    assert not (killed / "results.json").exists() and len(done) < 3, done
+    stamp = first.stat().st_mtime_ns
+    log2 = open(tmp_path / "resumed.log", "w+")
+    _wait([_start(shapes_dir, root, run, killed, 1, log2)], [log2])
+    log2.seek(0)
+    assert "already on disk; resuming" in log2.read()
+    assert first.stat().st_mtime_ns == stamp  # not regenerated
+    np.testing.assert_array_equal(_images(killed), ref_images)
+    resumed = _results(killed)
+    assert resumed == one
