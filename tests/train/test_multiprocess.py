@@ -79,13 +79,14 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
 @pytest.mark.slow
 def test_lost_process_stops_the_others_with_one_message(tmp_path):
     """kill -9 of process 1 mid-run: process 0 stops within the heartbeat timeout and names process 1."""
-    port, timeout_s = _free_port(), 10
+    port, timeout_s = _free_port(), 30
     procs = []
     for pid in range(2):
         log = open(tmp_path / f"lost.p{pid}.log", "w+")
         procs.append((log, runner.start_main(
             "configs/lm_tiny.py:steps=1000", tmp_path / "w", *MESH,
-            f"--config.distributed.heartbeat_timeout_s={timeout_s}", "--config.debug.step_sleep_secs=0.2", "--config.debug.log_batch_fingerprints=True", devices=4, log=log,
+            f"--config.distributed.heartbeat_timeout_s={timeout_s}", "--config.debug.step_sleep_secs=0.2",
+            "--config.debug.log_batch_fingerprints=True", devices=4, log=log,
             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=pid)))
     (log0, p0), (_, p1) = procs
     try:
@@ -103,4 +104,4 @@ def test_lost_process_stops_the_others_with_one_message(tmp_path):
     assert rc == watchdog.EXIT_LOST_PEER, out[-3000:]
     assert out.count("LostProcessError: process 1 of 2 sent no heartbeat") == 1, out[-3000:]
     assert "Traceback" not in out and "Check failed" not in out, out[-3000:]
-    assert stopped_after < timeout_s + 30, stopped_after  # the timeout, one beat interval, a loaded machine
+    assert stopped_after < 2 * timeout_s, stopped_after  # the timeout, one beat interval, a loaded machine
