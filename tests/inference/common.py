@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tests.models.unifluid_fixtures import make_batch, tiny_config
+from tests.models.unifluid_fixtures import make_batch, rows, tiny_config
 from unifluid_jax.models.unifluid import UniFluid
 
 
@@ -42,4 +42,4 @@ def tiny_model():
     """(config, model, params) of the shared tiny UniFluid config."""
     cfg = tiny_config()
     model = UniFluid(cfg)
-    return cfg, model, random_params(model, make_batch())
+    return cfg, model, random_params(model, rows(cfg, make_batch()))

@@ -1,4 +1,5 @@
-"""Text decoding: search cores on an exact fake model, KV-cached == uncached on the tiny model, bad input."""
+"""Text decoding: search cores on an exact fake model, KV-cached == uncached on the tiny model and equal to the
+training path (UniFluid.loss_terms on fixed training rows), bad input."""
 import functools
 
 import jax
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 from tests.inference.common import tiny_model
-from unifluid_jax.data import layout
+from unifluid_jax import layout
+from unifluid_jax.models.unifluid import UniFluid
 from unifluid_jax.inference import decode as D
 
 PAD, EOS = layout.PAD_ID, layout.EOS_ID
@@ -121,6 +123,32 @@ def test_cached_decoding_equals_uncached():
     assert np.abs(beam_c["beam_scores"] - beam_u["beam_scores"]).max() <= 1e-5
     assert beam_c["beams"].shape == (3, 2, 5)
     assert (beam_c["score"] >= beam_c["beam_scores"][:, 1]).all()
+
+
+def test_decoded_logits_equal_the_training_path():
+    """Teacher forcing through TRAINING: each question with its greedy answer laid out as a fixed training row
+    (und | src | text | gen, not decoding's [und | text] rows) through UniFluid.loss_terms; the NLL of every
+    answer token equals -log_softmax of the logits decoding chose it from."""
+    cfg, model, params = tiny_model()
+    batch = _questions()
+    out = D.decode_text(model, params, batch, max_new_tokens=2, return_logits=True)
+    exs, want = [], []
+    for i in range(3):
+        n_pre = int(batch["text_input_mask"][i].sum())
+        toks = [int(t) for t in out["tokens"][i, :int(out["length"][i])]]
+        answer = toks[:-1] if toks and toks[-1] == EOS else toks
+        text = layout.text_layout(int(batch["task"][i]), batch["text_tokens"][i, 1:n_pre - 1], answer,
+                                  cfg.max_text_len, sep_ids=(4,))
+        exs.append({"task": batch["task"][i], "image_und": batch["image_und"][i], **text,
+                    "gen_tokens": np.zeros((cfg.n_img, cfg.token_dim), np.float32)})
+        logp = jax.nn.log_softmax(out["logits"][i, :len(toks)])
+        want.append([-float(logp[t, tok]) for t, tok in enumerate(toks)])
+    rows, _ = layout.layout_examples(exs, layout.fixed_spec(cfg.dims), cfg.dims, layout="fixed")
+    terms = model.apply(params, rows, jax.random.PRNGKey(0), 0, 1, method=UniFluid.loss_terms)
+    for i in range(3):
+        got = np.asarray(terms["nll"][i, :len(want[i])])
+        assert len(want[i]) >= 1 and (rows["tgt_task"][i, :len(want[i])] >= 0).all()
+        np.testing.assert_allclose(got, want[i], rtol=1e-5, atol=1e-5)
 
 
 def test_bad_input():

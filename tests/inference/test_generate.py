@@ -1,4 +1,5 @@
-"""Image generation: KV-cached == uncached (raster / random order), CFG batching, determinism, bad input."""
+"""Image generation: KV-cached == uncached (raster / random order), CFG batching, determinism, bad input; the
+conditions equal the training path's (UniFluid.loss on fixed-layout rows with the generated tokens)."""
 import functools
 
 import jax
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 from tests.inference.common import tiny_model
-from unifluid_jax.data import layout
+from unifluid_jax import layout
+from unifluid_jax.models import unifluid
 from unifluid_jax.inference import generate as G
 
 STEPS = 3  # diffusion steps per token: enough to exercise the sampler, cheap to compile
@@ -32,10 +34,28 @@ def _run(use_cache, cfg_scale=3.0, order="raster", seed=0, guided=None, batch=No
                              guided=guided, return_aux=True)
 
 
-@functools.lru_cache(maxsize=None)
-def _teacher_forced():
-    _, model, _ = tiny_model()
-    return jax.jit(functools.partial(G.condition_states, model))
+def _training_conditions(monkeypatch, params, batch, tokens_raster, empty_prompt=False):
+    """Teacher-forced conditions from the TRAINING path: the prompts laid out as fixed training rows (all
+    segments, text padded to L: not generation's task-shaped rows) with the generated tokens as cached latents,
+    through UniFluid.loss (raster orders: the last step of the annealed schedule); z captured where the loss
+    hands it to the diffusion head. -> [B, n, D]."""
+    cfg, model, _ = tiny_model()
+    exs = [{k: np.asarray(v[i]) for k, v in batch.items()} for i in range(len(batch["task"]))]
+    for ex, tok in zip(exs, np.asarray(tokens_raster)):
+        ex["gen_tokens"] = tok
+        if empty_prompt:
+            ex.update(layout.text_layout(int(ex["task"]), [], None, cfg.max_text_len))
+    rows, _ = layout.layout_examples(exs, layout.fixed_spec(cfg.dims), cfg.dims, layout="fixed")
+    seen = {}
+    real = unifluid.diffusion_lib.diffusion_loss_terms
+
+    def spy(fn, p, z, target, t, noise, diffusion):
+        seen["z"] = z
+        return real(fn, p, z, target, t, noise, diffusion)
+    monkeypatch.setattr(unifluid.diffusion_lib, "diffusion_loss_terms", spy)
+    model.apply(params, rows, jax.random.PRNGKey(0), 100, 100, method=unifluid.UniFluid.loss)
+    m = cfg.diffusion.batch_mul
+    return np.asarray(seen["z"]).reshape(len(exs), m, cfg.n_img, -1)[:, 0]
 
 
 def _rel(a, b):
@@ -61,7 +81,7 @@ def test_cached_equals_uncached(order):
     assert float(jnp.max(jnp.abs(tok_c[0] - tok_c[1]))) > 1e-3
 
 
-def test_generation_is_seeded_and_teacher_forced_consistent():
+def test_generation_is_seeded_and_teacher_forced_consistent(monkeypatch):
     _, model, params = tiny_model()
     img1, tok1, aux = _run(True, seed=0)
     img2, tok2, _ = _run(True, seed=0)
@@ -70,30 +90,38 @@ def test_generation_is_seeded_and_teacher_forced_consistent():
     np.testing.assert_array_equal(tok1, tok2)
     assert float(jnp.max(jnp.abs(img1 - img3))) > 1e-3
     # The conditional rows' z equal one teacher-forced forward over the generated tokens (training path).
-    z = _teacher_forced()(params, _batch(), aux["tokens_in_order"], aux["order"])
+    assert (np.asarray(aux["order"]) == np.arange(16)).all()  # raster, like the reference below
+    z = _training_conditions(monkeypatch, params, _batch(), tok1)
     assert float(jnp.max(jnp.abs(aux["cond"][:3] - z))) <= 1e-5
 
 
-def test_unconditional_rows_see_the_empty_prompt():
+def test_task_shaped_rows():
+    cfg, _, _ = tiny_model()
+    t2i = G.generation_rows(cfg, G.prompt_batch(cfg, [[5, 6, 7]]), guided=False)
+    kinds = t2i["kind"][0].tolist()  # [text (L) | BOI + image]: no und slots for a t2i-only batch
+    assert len(kinds) == cfg.max_text_len + 1 + cfg.n_img
+    assert kinds[:4] == [layout.K_TEXT] * 4 and kinds[4:8] == [layout.K_PAD] * 4
+    assert kinds[8:] == [layout.K_BOI] + [layout.K_IMG] * cfg.n_img
+
+
+def test_unconditional_rows_see_the_empty_prompt(monkeypatch):
     cfg, model, params = tiny_model()
     batch = _batch()
-    rows, task = G.guided_rows(batch, True)
-    positions, mask = G.sequence_inputs(cfg, task, rows["text_input_mask"], rows["text_mask_ar"])
-    off = cfg.offsets
-    text = np.asarray(rows["text_input_mask"])
-    np.testing.assert_array_equal(text[3:], np.eye(1, cfg.max_text_len, dtype=text.dtype).repeat(3, 0))
-    np.testing.assert_array_equal(np.asarray(rows["text_tokens"])[3:, 0], layout.BOS_ID)
-    np.testing.assert_array_equal(np.asarray(task)[3:], batch["task"])
+    rows = G.generation_rows(cfg, batch, guided=True)
+    positions, mask = G.row_inputs(rows)
+    text = (rows["kind"] == layout.K_TEXT)
+    t0, boi = cfg.n_und, cfg.n_und + cfg.max_text_len  # [und | text | BOI + image] (the batch has an edit)
+    np.testing.assert_array_equal(text[3:].sum(1), [1, 1, 1])  # [BOS] alone
+    np.testing.assert_array_equal(rows["tokens"][3:, t0], layout.BOS_ID)
+    np.testing.assert_array_equal(rows["task_count"][3:], rows["task_count"][:3])
     # The BOI row of an unconditional t2i row sees exactly BOS and itself; the edit row also its source.
-    boi = np.asarray(mask)[:, off["gen"]]
-    assert np.flatnonzero(boi[3]).tolist() == [off["text"], off["gen"]]
-    assert np.flatnonzero(boi[5]).tolist() == list(range(cfg.n_und)) + [off["text"], off["gen"]]
-    # Direct run: the uncond rows' z equal a teacher-forced forward on the empty prompt with the same tokens.
-    _, _, aux = _run(True)
-    empty = G.prompt_batch(cfg, [[], [], []])
-    empty["task"] = batch["task"]
-    empty["image_und"] = batch["image_und"]
-    z = _teacher_forced()(params, empty, aux["tokens_in_order"], aux["order"])
+    boi_row = np.asarray(mask)[:, boi]
+    assert np.flatnonzero(boi_row[3]).tolist() == [t0, boi]
+    assert np.flatnonzero(boi_row[5]).tolist() == list(range(cfg.n_und)) + [t0, boi]
+    assert int(positions[3, boi]) == 1 and int(positions[5, boi]) == cfg.n_und + 1  # padding skipped
+    # Direct run: the uncond rows' z equal the training path on the empty prompt with the same tokens.
+    _, tok, aux = _run(True)
+    z = _training_conditions(monkeypatch, params, batch, tok, empty_prompt=True)
     assert float(jnp.max(jnp.abs(aux["cond"][3:] - z))) <= 1e-5
 
 
@@ -133,11 +161,11 @@ def test_vae_source_editing_cached_equals_uncached():
     """Edit source through the VAE too (n_src slots after the SigLIP ones): cached == uncached, and the VAE
     source reaches the image tokens (another source image changes them; so does the SigLIP one)."""
     from tests.inference.common import random_params
-    from tests.models.unifluid_fixtures import make_batch, tiny_config
+    from tests.models.unifluid_fixtures import make_batch, rows, tiny_config
     from unifluid_jax.models.unifluid import UniFluid
     cfg = tiny_config(edit_source=("siglip", "vae"))
     model = UniFluid(cfg)
-    params = random_params(model, make_batch())
+    params = random_params(model, rows(cfg, make_batch()))
     assert cfg.n_src == 16 and cfg.seq_len == tiny_model()[0].seq_len + 16
     u, g = cfg.siglip.image_size, cfg.vae.image_size
     r = np.random.default_rng(1)

@@ -1,4 +1,4 @@
-"""The unified model: embeddings and order, loss targets, text dropout, sharding, overfitting, bad input."""
+"""The unified model: embeddings and order, loss targets, sharding, overfitting, bad input."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -6,13 +6,12 @@ import numpy as np
 import optax
 import pytest
 
-from unifluid_jax.data import layout
-from unifluid_jax.models import masks
+from unifluid_jax.config import ConfigError
 from unifluid_jax.models import order as order_lib
 from unifluid_jax.models import unifluid
 from unifluid_jax.train import sharding
 
-from tests.models.unifluid_fixtures import make_batch, tiny_config
+from tests.models.unifluid_fixtures import make_batch, rows, tiny_config
 
 # One xdist worker for the whole module: its session fixture (a compiled init / a trained run) is then
 # built once, not once per worker.
@@ -28,7 +27,7 @@ def _init(cfg, batch, seed=0):
 @pytest.fixture(scope="session")  # session, not module: slow-first ordering may split the module
 def setup():
     cfg = tiny_config()
-    batch = make_batch()
+    batch = rows(cfg, make_batch())
     return cfg, batch, _init(cfg, batch)
 
 
@@ -64,55 +63,47 @@ def test_gen_embeddings_follow_the_order_by_hand(setup):
 def test_loss_targets_follow_the_order(setup, monkeypatch):
     """BOI's output is trained toward token p(0), image slot k's output toward token p(k+1)."""
     cfg, batch, params = setup
-    n, off = cfg.n_img, cfg.offsets
+    n = cfg.n_img
     perm = np.random.default_rng(5).permutation(n).astype(np.int32)
-    orders = jnp.asarray(np.stack([perm] * 4))
-    monkeypatch.setattr(order_lib, "sample_orders", lambda *a, **k: orders)
+    monkeypatch.setattr(order_lib, "sample_orders", lambda *a, **k: jnp.asarray(perm)[None])
     seen = {}
+    real = unifluid.diffusion_lib.diffusion_loss_terms
 
-    def fake_loss(fn, _, z, target, mask, rng, batch_mul, diffusion=None):
-        seen.update(z=z, target=target, mask=mask)
-        return jnp.float32(0.0), {"mse": 0.0, "vb": 0.0}
+    def spy(fn, params_, z, target, t, noise, diffusion):
+        seen.update(z=z, target=target)
+        return real(fn, params_, z, target, t, noise, diffusion)
 
-    monkeypatch.setattr(unifluid.diffusion_lib, "diffusion_loss", fake_loss)
+    monkeypatch.setattr(unifluid.diffusion_lib, "diffusion_loss_terms", spy)
     model = U(cfg)
     model.apply(params, batch, jax.random.PRNGKey(0), 0, 100, method=U.loss)
 
-    tokens = model.apply(params, batch["image_gen"], method=U.image_tokens)
-    x = model.apply(params, batch, tokens, orders, method=U.embed_sequence)
-    im, ar = layout.sequence_masks(batch["task"], batch["text_input_mask"], batch["text_mask_ar"],
-                                   cfg.n_und, cfg.n_src, n, xp=jnp)
-    h, _ = model.apply(params, x, masks.positions_from_mask(im), masks.make_attention_mask(im, ar))
-    z = np.asarray(seen["z"]).reshape(4, n, -1)
-    target = np.asarray(seen["target"]).reshape(4, n, -1)
-    for b in range(4):
-        for k in range(n):  # slot gen + k is BOI (k = 0) or image token p(k-1); it predicts p(k)
-            np.testing.assert_allclose(z[b, k], h[b, off["gen"] + k], atol=1e-5)
-            np.testing.assert_array_equal(target[b, k], tokens[b, perm[k]])
-    np.testing.assert_array_equal(np.asarray(seen["mask"]).reshape(4, n)[:, 0], [1, 0, 0, 1])  # t2i, edit
+    b, g = batch["gen_start"].shape
+    tokens = model.apply(params, batch["image_gen"].reshape(b * g, 64, 64, 3), method=U.image_tokens)
+    tokens = tokens.reshape(b, g, n, -1)
+    orders = jnp.broadcast_to(jnp.asarray(perm), (b, g, n))
+    h = model.apply(params, batch, model.apply(params, batch, tokens, orders, method=U.embed_rows),
+                    method=U.forward_rows)
+    m = cfg.diffusion.batch_mul
+    z = np.asarray(seen["z"]).reshape(b, g, m, n, -1)[:, :, 0]
+    target = np.asarray(seen["target"]).reshape(b, g, m, n, -1)[:, :, 0]
+    starts = np.asarray(batch["gen_start"])
+    np.testing.assert_array_equal(starts[:, 0] >= 0, [1, 0, 0, 1])  # t2i, edit rows generate
+    for r in (0, 3):
+        for k in range(n):  # slot gen_start + k is BOI (k = 0) or image token p(k-1); it predicts p(k)
+            np.testing.assert_allclose(z[r, 0, k], h[r, starts[r, 0] + k], atol=1e-5)
+            np.testing.assert_array_equal(target[r, 0, k], tokens[r, 0, perm[k]])
 
 
-def test_text_dropout_leaves_bos_only(monkeypatch):
-    cfg = tiny_config(text_dropout=0.999999)
-    batch = make_batch()
-    params = _init(cfg, batch)
-    captured = {}
-    real = layout.sequence_masks
-
-    def spy(task, text_input_mask, *a, **k):
-        captured["text_input_mask"] = text_input_mask
-        return real(task, text_input_mask, *a, **k)
-
-    monkeypatch.setattr(unifluid.layout, "sequence_masks", spy)
-    U(cfg).apply(params, batch, jax.random.PRNGKey(0), 0, 100, method=U.loss)
-    m = np.asarray(captured["text_input_mask"])
-    np.testing.assert_array_equal(m[[0, 3]], [[1] + [0] * 7] * 2)        # t2i, edit: prompt dropped -> [BOS]
-    np.testing.assert_array_equal(m[1:3], batch["text_input_mask"][1:3])  # caption, vqa untouched
+def test_text_dropout_moved_to_the_data_config():
+    section = dict(llm=dict(variant="gemma2_tiny", vocab_size=64, num_layers=2), vae=dict(preset="tiny_f8"),
+                   diffusion=dict(depth=2, width=32), text_dropout=0.1)
+    with pytest.raises(ConfigError, match="model.text_dropout.*data.text_dropout"):
+        unifluid.validate_config(section)
 
 
 def test_train_step_sharded_matches_single_device(mesh1, mesh8):
     cfg = tiny_config()
-    batch = make_batch(tasks=("t2i", "caption", "vqa", "edit") * 2)
+    batch = rows(cfg, make_batch(tasks=("t2i", "caption", "vqa", "edit") * 2))
     model = U(cfg)
 
     def run(mesh):
@@ -139,7 +130,7 @@ def test_train_step_sharded_matches_single_device(mesh1, mesh8):
 def test_overfit_eight_examples():
     """4 t2i + 4 caption fixed examples: text loss falls >= 10x and visual loss >= 3x."""
     cfg = tiny_config(order_mode="raster", diffusion=dict(depth=2, width=64, batch_mul=4))
-    batch = make_batch(tasks=("t2i",) * 4 + ("caption",) * 4, seed=1)
+    batch = rows(cfg, make_batch(tasks=("t2i",) * 4 + ("caption",) * 4, seed=1))
     model = U(cfg)
     params = _init(cfg, batch)
     opt = optax.adam(2e-3)
@@ -166,12 +157,12 @@ def test_overfit_eight_examples():
 def test_bad_batches(setup):
     cfg, batch, _ = setup
     with pytest.raises(ValueError, match="image_gen.*model.vae.image_size=64"):
-        unifluid.check_batch(cfg, {**batch, "image_gen": np.zeros((4, 32, 32, 3), np.float32)})
+        unifluid.check_batch(cfg, {**batch, "image_gen": np.zeros((4, 1, 32, 32, 3), np.float32)})
     with pytest.raises(ValueError, match="image_und"):
-        unifluid.check_batch(cfg, {**batch, "image_und": np.zeros((4, 64, 64, 3), np.float32)})
-    with pytest.raises(ValueError, match="max_text_len"):
-        unifluid.check_batch(cfg, {**batch, "text_tokens": np.zeros((4, 9), np.int32)})
-    with pytest.raises(ValueError, match="task"):
-        unifluid.check_batch(cfg, {**batch, "task": np.array([0, 1, 2, 7], np.int32)})
+        unifluid.check_batch(cfg, {**batch, "image_und": np.zeros((4, 1, 64, 64, 3), np.float32)})
+    with pytest.raises(ValueError, match="laid-out row fields.*segment_ids"):
+        unifluid.check_batch(cfg, {k: v for k, v in batch.items() if k != "segment_ids"})
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        unifluid.check_batch(cfg, {**batch, "text_tokens": np.full((4, 8), 64, np.int32)})
+        unifluid.check_batch(cfg, {**batch, "tokens": np.full(batch["tokens"].shape, 64, np.int32)})
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        unifluid.check_batch(cfg, {**batch, "tgt_label": np.full(batch["tgt_label"].shape, 64, np.int32)})

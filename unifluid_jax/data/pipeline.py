@@ -32,9 +32,14 @@ Config (`config.data`, see `default_config`):
                         image_gen / image_src ('sample': mean + std * noise, noise seeded per example index)
     latent_tokens, latent_dim  n and C of the cached tokens (model n_img and token dim) when latents is set
     max_consecutive_skips  fail loudly if this many records in a row are bad
+    text_dropout        probability that a t2i prompt / edit instruction becomes [BOS] alone (CFG training);
+                        drawn per record index (grain random_map): deterministic and resumable
+    layout, row_slots, row_und, row_gen, row_targets  how examples become rows (data/packing.py); used when
+                        the caller passes the model's `dims` (UniFluid), else batches are per example
     probe_records       records read per source up front to find a valid one (else a clear error)
 
-Batch (numpy, leading dim B = per_host_batch_size):
+Batch with `dims` (UniFluid): B laid-out rows in the schema of unifluid_jax/layout.py, plus num_skipped.
+Batch without `dims` (per example; the VAE task; numpy, leading dim B = per_host_batch_size):
     task            [B]        int32  index into layout.TASKS
     text_tokens     [B, L]     int32  } from layout.text_layout
     text_input_mask [B, L]     int32  }
@@ -105,6 +110,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.latent_dim = 0
     c.max_consecutive_skips = 1000
     c.probe_records = 64
+    c.text_dropout = 0.0
+    c.layout = "fixed"
+    c.row_slots = 0
+    c.row_und = 0
+    c.row_gen = 0
+    c.row_targets = 0
     return c
 
 
@@ -152,6 +163,8 @@ def validate_config(section, path: str = "data") -> None:
     check_choice(section.und_resize, f"{path}.und_resize", RESAMPLING)
     check(section.max_text_len >= 4, f"{path}.max_text_len", "must be >= 4")
     check_choice(section.latents, f"{path}.latents", LATENT_MODES)
+    check(0.0 <= section.get("text_dropout", 0.0) < 1.0, f"{path}.text_dropout", "must be in [0, 1)")
+    check_choice(section.get("layout", "fixed"), f"{path}.layout", layout.LAYOUTS)
     if section.latents:
         check_positive(section, path, "latent_tokens", "latent_dim")
 
@@ -173,9 +186,17 @@ def split_stats(batch: dict) -> tuple[dict, dict]:
             {k: batch[k] for k in STAT_KEYS if k in batch})
 
 
-def batch_spec(cfg, batch_size: int | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shapes and dtypes of every per-example batch field (for AOT compilation / shape checks)."""
+def batch_spec(cfg, batch_size: int | None = None,
+               dims: layout.Dims | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shapes and dtypes of every batch field but num_skipped (for AOT compilation / shape checks): laid-out
+    rows given the model's `dims`, else per-example fields."""
     b = batch_size or cfg.per_host_batch_size
+    if dims is not None:
+        from unifluid_jax.data import packing
+        images = {k: (shape[1:], dt) for k, (shape, dt) in batch_spec(cfg, 1).items()
+                  if k in layout.UND_FIELDS + layout.GEN_FIELDS}
+        rows = layout.row_fields(packing.row_spec(cfg, dims), images)
+        return {k: ((b,) + shape, dt) for k, (shape, dt) in rows.items()}
     L, G, U = cfg.max_text_len, cfg.gen_size, cfg.und_size
     spec = {"task": ((b,), np.int32), "valid": ((b,), np.int32),
             "image_und": ((b, U, U, 3), np.float32)}
@@ -220,8 +241,9 @@ class ExampleFn:
     def __init__(self, tokenizer: Tokenizer, *, gen_size: int, und_size: int, max_text_len: int,
                  truncate: bool = False, caption_prompt: str = "caption en", edit_source=("siglip",),
                  task: str | None = None, gen_resize: str = "bicubic", und_resize: str = "bilinear",
-                 latents: str = "", latent_shape: tuple[int, int] = (0, 0)):
+                 latents: str = "", latent_shape: tuple[int, int] = (0, 0), text_dropout: float = 0.0):
         self.tok = tokenizer
+        self.text_dropout = float(text_dropout)
         self.latents, self.latent_shape = latents, tuple(latent_shape)
         self.gen_resize, self.und_resize = gen_resize, und_resize
         self.gen_size, self.und_size, self.max_text_len = gen_size, und_size, max_text_len
@@ -236,7 +258,7 @@ class ExampleFn:
         return cls(tokenizer, gen_size=cfg.gen_size, und_size=cfg.und_size, max_text_len=cfg.max_text_len,
                    truncate=cfg.truncate, caption_prompt=cfg.caption_prompt, edit_source=cfg.edit_source,
                    task=task, gen_resize=cfg.gen_resize, und_resize=cfg.und_resize, latents=cfg.latents,
-                   latent_shape=(cfg.latent_tokens, cfg.latent_dim))
+                   latent_shape=(cfg.latent_tokens, cfg.latent_dim), text_dropout=cfg.get("text_dropout", 0.0))
 
     def _texts(self, tid: int, rec: Mapping[str, Any]):
         """(prompt, answer) strings for the task, or a skip reason."""
@@ -347,6 +369,13 @@ class ExampleFn:
                     ex["image_und"] = und(image)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             return _skip("bad_image", str(e))
+        if self.text_dropout > 0 and tid in layout.GEN_TASKS:
+            if rng is None:
+                raise ValueError("ExampleFn: text_dropout needs an rng (use grain random_map)")
+            # Drawn last, so latent samples are the same with or without dropout. A dropped prompt is [BOS]
+            # alone: exactly generation's unconditional (CFG) branch.
+            if rng.random() < self.text_dropout:
+                ex.update(layout.text_layout(tid, [], None, self.max_text_len))
         return ex  # absent images are left out: the batcher fills zeros
 
 
@@ -372,6 +401,12 @@ class SkipCountingBatch(grain.IterDataset):
     def __iter__(self):
         return _SkipCountingBatchIterator(self._parent.__iter__(), self.batch_size, self.spec,
                                           self.max_consecutive_skips, self.shared_memory)
+
+
+def too_many_skips(run: int, skipped) -> None:
+    counts = {r: int(n) for r, n in zip(SKIP_REASONS, skipped) if n}
+    raise DataError(f"{run} bad records in a row (skipped so far in this batch: {counts}); "
+                    "the input looks broken (raise data.max_consecutive_skips if not)")
 
 
 def _shm_array_type():
@@ -491,7 +526,7 @@ def example_dataset(cfg, *, shard_index: int, shard_count: int, tokenizer: Token
         ds = ds[shard_index::shard_count]
         if not decode:
             ds = ds.map(_ParseOnly(s.get("task") or None))
-        elif cfg.latents == "sample":  # per-index rng: deterministic and resumable
+        elif cfg.latents == "sample" or cfg.get("text_dropout", 0.0) > 0:  # per-index rng: resumable
             ds = ds.random_map(fn, seed=_source_seed(cfg.seed + 1, i))
         else:
             ds = ds.map(fn)
@@ -512,10 +547,12 @@ class _ParseOnly:
 
 
 def make_dataset(cfg, *, shard_index: int | None = None, shard_count: int | None = None,
-                 tokenizer: Tokenizer | None = None, batch_size: int | None = None) -> grain.IterDataset:
+                 tokenizer: Tokenizer | None = None, batch_size: int | None = None,
+                 dims: layout.Dims | None = None) -> grain.IterDataset:
     """The full per-host pipeline (an IterDataset of batches). Shard defaults: this JAX process (so each host
     reads a disjoint 1/process_count of the global shuffled order). `batch_size` overrides
-    cfg.per_host_batch_size (e.g. global batch // process_count computed by the trainer)."""
+    cfg.per_host_batch_size (e.g. global batch // process_count computed by the trainer): examples per batch,
+    or rows per batch given the model's `dims` (laid out by data/packing.py per cfg.layout)."""
     validate_config(cfg)
     if shard_index is None or shard_count is None:
         import jax
@@ -524,7 +561,15 @@ def make_dataset(cfg, *, shard_index: int | None = None, shard_count: int | None
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                               prefetch_buffer_size=max(2 * cfg.read_threads, 1)))
     spec = {k: (shape[1:], dtype) for k, (shape, dtype) in batch_spec(cfg, 1).items()}
-    it = SkipCountingBatch(it, batch_size or cfg.per_host_batch_size, spec, cfg.max_consecutive_skips)
+    if dims is None:
+        it = SkipCountingBatch(it, batch_size or cfg.per_host_batch_size, spec, cfg.max_consecutive_skips)
+    else:
+        from unifluid_jax.data import packing
+        images = {k: v for k, v in spec.items() if k in layout.UND_FIELDS + layout.GEN_FIELDS}
+        it = packing.RowBatching(it, batch_size or cfg.per_host_batch_size, packing.row_spec(cfg, dims), dims,
+                                 images, packed=cfg.layout == "packed", num_reasons=len(SKIP_REASONS),
+                                 max_consecutive_skips=cfg.max_consecutive_skips, process_index=shard_index,
+                                 process_count=shard_count, too_many_skips=too_many_skips, on_skip=log_skip)
     if cfg.worker_count > 0:
         _absl_flags_for_library_use()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,

@@ -1,9 +1,9 @@
 """Text decoding (captioning / VQA) with the unified model (SPEC 7, 9): greedy, sampling, beam search.
 
-The prompt is the training prefix [SigLIP tokens | (src) | BOS question SEP] (bidirectional); answer token t
-then goes at slot P + t of a decode area after the text segment (P = offsets['gen'], S = P + T) with RoPE
-position len(prefix) + t, which is exactly what training computes for the answer (positions skip padding and
-padding is masked). The prefix is prefilled into a KV cache of length S; each step feeds one token.
+The prompt is one row laid out by the training layout (unifluid_jax/layout.py) with the segments caption /
+vqa use, [SigLIP tokens | BOS question SEP] (bidirectional), P slots; answer token t then goes at slot P + t
+of a decode area after it (S = P + T) with RoPE position len(prefix) + t, which is exactly what training
+computes for the answer (positions skip padding and padding is masked). The prefix is prefilled into a KV cache of length S; each step feeds one token.
 
 The search cores are model-free: they drive a callback
 
@@ -33,10 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unifluid_jax.data import layout
+from unifluid_jax import layout
 from unifluid_jax.inference import generate as gen_lib
 from unifluid_jax.models import gemma as gemma_lib
 from unifluid_jax.models import masks
+from unifluid_jax.models import order as order_lib
 from unifluid_jax.models.unifluid import UniFluid, UniFluidConfig
 
 METHODS = ("greedy", "sample", "beam")
@@ -185,21 +186,28 @@ def beam_search(logits_fn: Callable, state, first_logits, *, beam_size: int, max
 # The model as a callback.
 
 
-def _text_sequence(model: UniFluid, params, batch, max_new_tokens: int):
-    """(x_prefix [B, P, D], positions [B, S], full mask [B, S, S], index of the last prefix slot [B])."""
+def text_rows(config: UniFluidConfig, batch) -> dict[str, np.ndarray]:
+    """One row per question, laid out by unifluid_jax.layout with the segments caption / vqa use: [und | text]."""
+    dims = config.dims
+    exs = [{k: np.asarray(batch[k][i]) for k in batch} for i in range(len(batch["task"]))]
+    images = {"image_und": (np.shape(batch["image_und"])[1:], np.float32)} if config.n_und else {}
+    rows, _ = layout.layout_examples(exs, layout.fixed_spec(dims, src=False, gen=False), dims, layout="fixed",
+                                     image_spec=images)
+    return rows
+
+
+def _text_sequence(model: UniFluid, params, rows, max_new_tokens: int):
+    """(x_prefix [B, P, D], positions [B, S], full mask [B, S, S], index of the last prefix slot [B]): the
+    training path's embeddings / positions / masks of the rows, extended by S - P causal answer slots."""
     c = model.config
-    p = c.offsets["gen"]
-    b = batch["text_tokens"].shape[0]
-    input_mask, mask_ar = layout.sequence_masks(batch["task"], batch["text_input_mask"], batch["text_mask_ar"],
-                                                c.n_und, c.n_src, c.n_img, xp=jnp, edit_und="siglip" in c.edit_source)
-    answer = jnp.ones((b, max_new_tokens), jnp.int32)  # causal answer slots (mask_ar 1 each)
-    input_mask = jnp.concatenate([input_mask[:, :p], answer], axis=1)
-    mask_ar = jnp.concatenate([mask_ar[:, :p], answer], axis=1)
-    x_src = gen_lib.source_embeddings(model, params, batch)
-    x_text = gen_lib.apply(model, params, UniFluid.embed_text, batch["text_tokens"]).astype(x_src.dtype)
-    last = c.offsets["text"] + jnp.sum(batch["text_input_mask"], axis=1) - 1
-    return (jnp.concatenate([x_src, x_text], axis=1), masks.positions_from_mask(input_mask),
-            masks.make_attention_mask(input_mask, mask_ar), last)
+    b, p = rows["tokens"].shape
+    answer = jnp.ones((b, max_new_tokens), jnp.int32)  # the answer continues the row's example, causally
+    seg = jnp.concatenate([rows["segment_ids"], answer], axis=1)
+    mask_ar = jnp.concatenate([rows["mask_ar"], answer], axis=1)
+    orders = order_lib.raster_orders(b, c.n_img)
+    x_prefix = gen_lib.embed_prompt_rows(model, params, rows, orders)
+    last = jnp.max(jnp.where(rows["segment_ids"] > 0, jnp.arange(p), -1), axis=1)
+    return (x_prefix, masks.segment_positions(seg), masks.SegmentMask(seg, mask_ar).dense(), last)
 
 
 def _logits(model, params, h):
@@ -209,7 +217,7 @@ def _logits(model, params, h):
 def model_callbacks(model: UniFluid, params, batch, max_new_tokens: int, use_cache: bool = True):
     """(logits_fn, state, first_logits [B, V], reorder_fn) for the search cores (see the module docstring)."""
     c = model.config
-    p = c.offsets["gen"]
+    p = batch["tokens"].shape[1]
     s = p + max_new_tokens
     x_prefix, positions, full_mask, last = _text_sequence(model, params, batch, max_new_tokens)
     b = x_prefix.shape[0]
@@ -339,11 +347,10 @@ def decode_text(model: UniFluid, params, batch: dict[str, Any], rng=None, *, met
                    beam_size=int(beam_size) if method == "beam" else 1,
                    length_norm=float(length_norm) if method == "beam" else 0.0,
                    use_cache=bool(use_cache), return_logits=bool(return_logits) and method != "beam")
-    batch = {k: v for k, v in batch.items()
-             if k in ("text_tokens", "text_input_mask", "text_mask_ar", "task", "image_und", "image_src",
-                      "src_tokens")}
+    batch = {k: np.asarray(v) for k, v in batch.items()
+             if k in ("text_tokens", "text_input_mask", "text_mask_ar", "task", "image_und")}
     rng = jax.random.key(0) if rng is None else rng
-    out = fn(nn.unbox(params), batch, rng, jnp.float32(temperature), jnp.float32(top_p))
+    out = fn(nn.unbox(params), text_rows(c, batch), rng, jnp.float32(temperature), jnp.float32(top_p))
     return jax.tree.map(np.asarray, out)
 
 

@@ -1,7 +1,9 @@
 """Text-to-image generation and editing with the unified model (SPEC 5, 6, 7, 9), KV-cached and jitted.
 
-The sequence is the training layout (data/layout.py): [und | src | text | BOI | img_0 .. img_{n-1}].
-Prefill runs the prompt segment (und/src/text slots + BOI) into a KV cache sized to the full sequence;
+Each prompt is one row laid out by the training layout (unifluid_jax/layout.py) with only the segments its
+task uses: t2i [text | BOI | img_0 .. img_{n-1}], edit [und | src | text | BOI | img ...]; embeddings,
+positions and masks come from the training path (UniFluid.embed_rows, masks.segment_positions / SegmentMask).
+Prefill runs the prompt slots (und/src/text + BOI) into a KV cache sized to the full row;
 then for k = 0 .. n-1 the hidden state at the current slot (BOI for k = 0, image slot k-1 after) is the
 condition z of token p(k): the diffusion head samples it (ancestral DDPM, `num_steps` respaced steps,
 temperature on the injected noise), it is embedded with pos2d[p(k)] + next_pos2d[p(k+1)] and written to
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unifluid_jax.data import layout
+from unifluid_jax import layout
 from unifluid_jax.models import diffusion as diffusion_lib
 from unifluid_jax.models import gemma as gemma_lib
 from unifluid_jax.models import masks
@@ -116,50 +118,47 @@ def apply(model: UniFluid, params, method, *args):
     return model.apply(params, *args, method=method)
 
 
-def source_embeddings(model: UniFluid, params, batch) -> jax.Array:
-    """The embedded [und | src] slots [B, n_und + n_src, D] (possibly zero-width); absent inputs embed as
-    zeros (their slots are masked). The edit source through the VAE uses the posterior mean."""
-    c = model.config
-    b = batch["text_tokens"].shape[0]
-    dt = c.llm.dtype
-    parts = [jnp.zeros((b, 0, c.width), dt)]
-    if c.n_und:
-        parts.append(apply(model, params, UniFluid.und_embeddings, batch["image_und"]).astype(dt)
-                     if "image_und" in batch else jnp.zeros((b, c.n_und, c.width), dt))
-    if c.n_src:
-        src = batch.get("src_tokens")
-        if src is None and "image_src" in batch:
-            src = apply(model, params, UniFluid.image_tokens, batch["image_src"])
-        parts.append(jnp.zeros((b, c.n_src, c.width), dt) if src is None
-                     else apply(model, params, UniFluid.src_embeddings, src).astype(dt))
-    return jnp.concatenate(parts, axis=1)
-
-
-def empty_prompt(text_tokens, text_input_mask, text_mask_ar):
-    """The CFG unconditional text: [BOS] then padding, same shapes and dtypes."""
-    first = jnp.broadcast_to(jnp.arange(text_tokens.shape[1]) == 0, text_tokens.shape)
-    return (jnp.where(first, layout.BOS_ID, layout.PAD_ID).astype(text_tokens.dtype),
-            first.astype(text_input_mask.dtype), jnp.zeros_like(text_mask_ar))
-
-
-def guided_rows(batch, guided: bool):
-    """(text batch for the R transformer rows, task [R]): the batch, then its empty-prompt copy if guided."""
-    keys = ("text_tokens", "text_input_mask", "text_mask_ar")
-    rows = {k: jnp.asarray(batch[k]) for k in keys}
-    task = jnp.asarray(batch["task"])
+def generation_rows(config: UniFluidConfig, batch, guided: bool) -> dict[str, np.ndarray]:
+    """The R = B (or 2B with `guided`) transformer rows of a prompt batch, laid out by unifluid_jax.layout with
+    only the segments the batch's tasks use (t2i: [text | BOI + image]; edit: [und | src | text | BOI + image]).
+    Guided: rows [B, 2B) are the same examples with the empty prompt [BOS] (an edit keeps its source)."""
+    dims = config.dims
+    b = len(batch["task"])
+    exs = [{k: np.asarray(batch[k][i]) for k in batch} for i in range(b)]
     if guided:
-        empty = empty_prompt(*(rows[k] for k in keys))
-        rows = {k: jnp.concatenate([rows[k], e], 0) for k, e in zip(keys, empty)}
-        task = jnp.concatenate([task, task], 0)
-    return rows, task
+        exs += [{**ex, **layout.text_layout(int(ex["task"]), [], None, config.max_text_len)} for ex in exs]
+    uses = [dims.uses(int(t)) for t in batch["task"]]
+    und, src = any(u[0] for u in uses), any(u[1] for u in uses)
+    images = {}  # image fields present; gen images are generated, so the rows carry none
+    if und:
+        images["image_und"] = (np.shape(batch["image_und"])[1:], np.float32)
+    if src:
+        key = "src_tokens" if "src_tokens" in batch else "image_src"
+        images[key] = (np.shape(batch[key])[1:], np.float32)
+    rows, _ = layout.layout_examples(exs, layout.fixed_spec(dims, und=und, src=src), dims, layout="fixed",
+                                     image_spec=images)
+    return rows
 
 
-def sequence_inputs(config: UniFluidConfig, task, text_input_mask, text_mask_ar):
-    """(positions [R, S], full attention mask [R, S, S]) of the generation sequence."""
-    c = config
-    input_mask, mask_ar = layout.sequence_masks(task, text_input_mask, text_mask_ar, c.n_und, c.n_src, c.n_img,
-                                                xp=jnp, edit_und="siglip" in c.edit_source)
-    return masks.positions_from_mask(input_mask), masks.make_attention_mask(input_mask, mask_ar)
+def row_inputs(rows):
+    """(positions [R, S], dense attention mask [R, S, S]) of laid-out rows: the training path's."""
+    return (masks.segment_positions(rows["segment_ids"]),
+            masks.SegmentMask(rows["segment_ids"], rows["mask_ar"]).dense())
+
+
+def embed_prompt_rows(model: UniFluid, params, rows, orders) -> jax.Array:
+    """The training embedding (UniFluid.embed_rows) of the rows with all-zero image tokens; the slots up to
+    and including BOI (the prefill) do not depend on them. orders [R, n]."""
+    c = model.config
+    r = rows["tokens"].shape[0]
+    src = None
+    if c.n_src:
+        src = rows.get("src_tokens")
+        if src is None and "image_src" in rows:
+            src = apply(model, params, UniFluid.image_tokens, rows["image_src"].reshape((r,) + rows["image_src"].shape[2:]))
+        src = jnp.zeros((r, 1, c.n_img, c.token_dim)) if src is None else src.reshape(r, 1, c.n_img, c.token_dim)
+    zeros = jnp.zeros((r, 1, c.n_img, c.token_dim), jnp.float32)
+    return apply(model, params, UniFluid.embed_rows, rows, zeros, orders[:, None], src)
 
 
 def _tile(x, reps: int):
@@ -183,45 +182,26 @@ def head_sampler(config: UniFluidConfig, params, *, num_steps: int, cfg_kind: st
     return sample
 
 
-def condition_states(model: UniFluid, params, batch, tokens_in_order, orders) -> jax.Array:
-    """Teacher-forced conditions: one uncached forward of the whole sequence with the given tokens (generation
-    order) -> z [B, n, D], the hidden states at BOI .. img_{n-2} (what generation conditions step k on)."""
-    c = model.config
-    off = c.offsets
-    rows, task = guided_rows(batch, False)
-    positions, full_mask = sequence_inputs(c, task, rows["text_input_mask"], rows["text_mask_ar"])
-    x_src = source_embeddings(model, params, batch)
-    x_text = apply(model, params, UniFluid.embed_text, rows["text_tokens"]).astype(x_src.dtype)
-    raster = order_lib.scatter_tokens(tokens_in_order, orders)
-    x_gen = apply(model, params, UniFluid.gen_embeddings, raster, orders).astype(x_src.dtype)
-    h, _ = apply(model, params, UniFluid.__call__, jnp.concatenate([x_src, x_text, x_gen], 1), positions, full_mask)
-    return h[:, off["gen"]:off["gen"] + c.n_img]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The generation loop.
 
 
-def _generate(model: UniFluid, params, batch, rng, cfg_scale, temperature, random_order, *, num_steps: int,
+def _generate(model: UniFluid, params, rows, rng, cfg_scale, temperature, random_order, *, num_steps: int,
               cfg_kind: str, guided: bool, use_cache: bool, return_cond: bool):
     c = model.config
-    off, n, s = c.offsets, c.n_img, c.seq_len
-    img = off["img"]
-    b = batch["text_tokens"].shape[0]
+    n = c.n_img
+    r, s = rows["tokens"].shape
+    img = s - n  # rows end with [BOI | n image slots] (generation_rows)
     reps = 2 if guided else 1
+    b = r // reps
     k_order, k_sample = jax.random.split(rng)
     orders = order_lib.sample_orders(k_order, b, n, random_order)  # random_order: traced 0. or 1.
     next_pos = jnp.roll(orders, -1, axis=1)
     has_next = jnp.broadcast_to(jnp.arange(n) < n - 1, orders.shape)
 
-    rows, task = guided_rows(batch, guided)
-    positions, full_mask = sequence_inputs(c, task, rows["text_input_mask"], rows["text_mask_ar"])
-    # und / src embeddings are shared by both branches: compute for B rows, tile; text differs per branch.
-    x_src = _tile(source_embeddings(model, params, batch), reps)
-    dt = x_src.dtype
-    x_text = apply(model, params, UniFluid.embed_text, rows["text_tokens"]).astype(dt)
-    boi = _tile(apply(model, params, UniFluid.boi_embedding, orders[:, 0]), reps).astype(dt)
-    x_prompt = jnp.concatenate([x_src, x_text, boi], axis=1)  # [R, img, D]
+    positions, full_mask = row_inputs(rows)
+    x_prompt = embed_prompt_rows(model, params, rows, _tile(orders, reps))[:, :img]  # [R, img, D]
+    dt = x_prompt.dtype
 
     sample = head_sampler(c, params, num_steps=num_steps, cfg_kind=cfg_kind, guided=guided)
 
@@ -333,11 +313,11 @@ def generate_images(model: UniFluid, params, batch: dict[str, Any] | Sequence, r
         guided = float(cfg_scale) != 1.0
     fn = _compiled(model.config, num_steps=int(num_steps), cfg_kind=cfg_schedule,
                    guided=bool(guided), use_cache=bool(use_cache), return_cond=bool(return_aux))
-    batch = {k: v for k, v in batch.items()
+    batch = {k: np.asarray(v) for k, v in batch.items()
              if k in ("text_tokens", "text_input_mask", "text_mask_ar", "task", "image_und", "image_src",
                       "src_tokens")}
     params = nn.unbox(params)
-    tokens, aux = fn(params, batch, rng, jnp.float32(cfg_scale), jnp.float32(temperature),
+    tokens, aux = fn(params, generation_rows(model.config, batch, bool(guided)), rng, jnp.float32(cfg_scale), jnp.float32(temperature),
                      jnp.float32(order == "random"))
     chunk = default_decode_chunk() if decode_chunk is None else int(decode_chunk)
     images = _decoder(model.config, chunk)(params, tokens)

@@ -41,6 +41,19 @@ class SegmentMask(NamedTuple):
         return same & make_attention_mask(jnp.ones(seg.shape, bool), self.mask_ar)
 
 
+def segment_positions(segment_ids) -> jax.Array:
+    """RoPE positions of packed rows: the number of valid slots of the same example before each slot (padding
+    skipped, restarting at 0 for every example; padding gets 0). Segment ids must not decrease over a row's
+    valid slots (layout.py). [B, T] int32."""
+    seg = jnp.asarray(segment_ids).astype(jnp.int32)
+    valid = seg > 0
+    before = jnp.cumsum(valid.astype(jnp.int32), axis=-1) - valid  # valid slots strictly before t
+    prev_max = jax.lax.cummax(jnp.pad(seg, ((0, 0), (1, 0)))[:, :-1], axis=1)
+    start = valid & (seg > prev_max)  # first slot of each example
+    base = jax.lax.cummax(jnp.where(start, before, 0), axis=1)
+    return jnp.where(valid, before - base, 0)
+
+
 def positions_from_mask(input_mask) -> jax.Array:
     """RoPE positions that skip padding: `cumsum(input_mask) - 1`, clipped at 0. [B, T] int32."""
     pos = jnp.cumsum(jnp.asarray(input_mask).astype(jnp.int32), axis=-1) - 1

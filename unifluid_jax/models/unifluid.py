@@ -1,6 +1,7 @@
 """The unified UniFluid model (SPEC 1, 6, 7): one Gemma over [SigLIP | VAE source | text | BOI + image].
 
-Sequence layout and masks come from `unifluid_jax.data.layout` (the data/model contract). Image tokens are
+The model reads laid-out rows (`unifluid_jax.layout`, the data/model contract): one example per row (fixed
+layout) or several (packed); positions and masks come from the rows' segment ids (models/masks.py). Image tokens are
 continuous: a frozen KL-VAE latent, 2x2-patchified (MAR convention), embedded by `Linear(C -> D)` plus a
 learnable 2D position embedding of the token's own position and a learnable next-position embedding of the
 position generated next (RAR). The hidden state at BOI predicts the first token of the order, at image slot
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from unifluid_jax.config import check, check_choice
-from unifluid_jax.data import layout
+from unifluid_jax import layout
 from unifluid_jax.models import diffusion as diffusion_lib
 from unifluid_jax.models import gemma as gemma_lib
 from unifluid_jax.models import masks
@@ -41,7 +42,6 @@ class UniFluidConfig:
     patch_size: int = 2                  # latent patch -> one token (SPEC 4)
     max_text_len: int = 32               # text slots L (prompt, question, answer, EOS)
     text_weight: float = 0.005           # lambda in L = L_visual + lambda * L_text
-    text_dropout: float = 0.1            # t2i prompt / edit instruction -> empty prompt (CFG training)
     edit_source: tuple[str, ...] = ("siglip",)  # how an edit's source image enters (SPEC 7: OPEN)
     order_mode: str = "annealed"         # 'annealed' | 'random' | 'raster'
     random_until: float = 0.3            # fraction of training with fully random orders
@@ -74,12 +74,21 @@ class UniFluidConfig:
         return self.n_img if "vae" in self.edit_source else 0
 
     @property
+    def dims(self) -> layout.Dims:
+        return layout.Dims(n_und=self.n_und, n_src=self.n_src, n_img=self.n_img, max_text_len=self.max_text_len,
+                           edit_und="siglip" in self.edit_source)
+
+    @property
     def offsets(self) -> dict[str, int]:
-        return layout.segment_offsets(self.n_und, self.n_src, self.max_text_len, self.n_img)
+        """Segment starts of a fixed-layout row (und, src, text, gen = BOI, img, total)."""
+        text = self.n_und + self.n_src
+        gen = text + self.max_text_len
+        return {"und": 0, "src": self.n_und, "text": text, "gen": gen, "img": gen + 1, "total": gen + 1 + self.n_img}
 
     @property
     def seq_len(self) -> int:
-        return self.offsets["total"]
+        """Slots of a fixed-layout row [und | src | text | BOI + image]."""
+        return self.dims.fixed_len
 
 
 _SCALARS = tuple(f.name for f in dataclasses.fields(UniFluidConfig)
@@ -106,6 +115,8 @@ def config_from_dict(section) -> UniFluidConfig:
 def validate_config(section, path: str = "model") -> None:
     """One clear error for an invalid `config.model` section (sub-sections are checked by their modules)."""
     d = _as_dict(section)
+    check("text_dropout" not in d, f"{path}.text_dropout",
+          "moved to the data pipeline (per record, deterministic): set data.text_dropout instead")
     for k in d:
         check(k in _SCALARS or k in ("llm", "vae", "diffusion", "siglip"), f"{path}.{k}",
               f"unknown field; known: llm, vae, diffusion, siglip, {', '.join(_SCALARS)}")
@@ -124,11 +135,15 @@ def validate_config(section, path: str = "model") -> None:
         check_choice(src, f"{path}.edit_source", EDIT_SOURCES)
     check(d.get("max_text_len", 32) >= 2, f"{path}.max_text_len", "must be >= 2 (BOS + one token)")
     check(d.get("text_weight", 0.005) >= 0, f"{path}.text_weight", "must be >= 0")
-    check(0.0 <= d.get("text_dropout", 0.1) < 1.0, f"{path}.text_dropout", "must be in [0, 1)")
     cfg = config_from_dict(d)
     check(cfg.vae.latent_size is not None and cfg.vae.latent_size % cfg.patch_size == 0,
           f"{path}.patch_size", f"the VAE latent size {cfg.vae.latent_size} must be a multiple of patch_size "
           f"{cfg.patch_size} (set model.vae.image_size)")
+
+
+def _flat_keys(keys):
+    """[B, G] keys (typed, or raw uint32 [B, G, 2]) -> [B * G] keys."""
+    return keys.reshape((-1,) + keys.shape[2:])
 
 
 def _init(init, names):
@@ -200,25 +215,38 @@ class UniFluid(nn.Module):
     def src_embeddings(self, tokens):
         """Edit source through the VAE (prefix): raster tokens with their own positions, no next-position."""
         n = self.config.n_img
-        pos = jnp.broadcast_to(jnp.arange(n), tokens.shape[:2])
-        return self.image_embeddings(tokens, pos, pos, jnp.zeros(tokens.shape[:2], bool))
+        pos = jnp.broadcast_to(jnp.arange(n), tokens.shape[:-1])
+        return self.image_embeddings(tokens, pos, pos, jnp.zeros(tokens.shape[:-1], bool))
 
     def embed_text(self, tokens):
         return self.llm.embed(tokens)
 
-    def embed_sequence(self, batch, gen_tokens, order, src_tokens=None):
-        """The full [B, S, D] input: und | src | text | gen (zeros where a segment is absent)."""
+    def embed_rows(self, batch, gen_tokens, orders, src_tokens=None):
+        """The [B, S, D] input of laid-out rows (layout.py): every slot takes its kind's embedding.
+
+        gen_tokens [B, G, n, C] raster, orders [B, G, n], src_tokens [B, G, n, C] (if n_src)."""
         c = self.config
-        b = batch["text_tokens"].shape[0]
-        parts = []
+        kind, index = batch["kind"], batch["index"]
+        b, s = kind.shape
+        dt = c.llm.dtype
+        x = self.embed_text(batch["tokens"]).astype(dt)
+
+        def take(table, k):  # table [B, K, D]; slots of kind k read table[index]
+            rows = jnp.take_along_axis(table, jnp.clip(index, 0, table.shape[1] - 1)[..., None], axis=1)
+            return jnp.where((kind == k)[..., None], rows.astype(dt), x)
+
         if c.n_und:
-            parts.append(self.und_embeddings(batch["image_und"]).astype(c.llm.dtype))
+            und = batch["image_und"]
+            u = und.shape[1]
+            x = take(self.und_embeddings(und.reshape((b * u,) + und.shape[2:])).reshape(b, u * c.n_und, -1),
+                     layout.K_UND)
+        g = gen_tokens.shape[1]
+        gen = self.gen_embeddings(gen_tokens.reshape((b * g,) + gen_tokens.shape[2:]), orders.reshape(b * g, -1))
+        gen = gen.reshape(b, g * (1 + c.n_img), -1)
+        x = take(gen, layout.K_BOI)
+        x = take(gen, layout.K_IMG)
         if c.n_src:
-            parts.append(self.src_embeddings(src_tokens))
-        parts.append(self.embed_text(batch["text_tokens"]))
-        parts.append(self.gen_embeddings(gen_tokens, order))
-        x = jnp.concatenate(parts, axis=1)
-        assert x.shape[:2] == (b, c.seq_len), (x.shape, c.seq_len)
+            x = take(self.src_embeddings(src_tokens).reshape(b, g * c.n_src, -1), layout.K_SRC)
         return x
 
     # -- transformer --------------------------------------------------------------------------------------
@@ -232,100 +260,132 @@ class UniFluid(nn.Module):
     def head_apply(self, x_t, t, z):
         return self.head(x_t, t, z)
 
+    def forward_rows(self, batch, x):
+        """Laid-out rows: embedded x [B, S, D] -> hidden [B, S, D] (positions / masks from the schema)."""
+        mask = masks.SegmentMask(batch["segment_ids"], batch["mask_ar"])
+        h, _ = self(x, masks.segment_positions(batch["segment_ids"]), mask)  # splash: SegmentMask
+        return h
+
     def init_all(self, batch):
         """Touches every submodule once so `init` creates all params (VAE decoder included)."""
         c = self.config
-        b = batch["text_tokens"].shape[0]
-        tokens = self.image_tokens(batch["image_gen"])
-        src = tokens if c.n_src else None
-        x = self.embed_sequence(batch, tokens, order_lib.raster_orders(b, c.n_img), src)
-        input_mask = jnp.ones(x.shape[:2], jnp.int32)
-        h, _ = self(x, masks.positions_from_mask(input_mask), masks.make_attention_mask(input_mask, input_mask))
+        b, g = batch["gen_start"].shape
+        if "gen_tokens" in batch:
+            tokens = batch["gen_tokens"]
+        else:
+            tokens = self.image_tokens(batch["image_gen"].reshape((b * g,) + batch["image_gen"].shape[2:]))
+        tokens = tokens.reshape(b, g, c.n_img, c.token_dim)
+        x = self.embed_rows(batch, tokens, order_lib.raster_orders(b * g, c.n_img).reshape(b, g, c.n_img),
+                            tokens if c.n_src else None)
+        h = self.forward_rows(batch, x)
         logits = self.text_logits(h[:, :1])
         z = h[:, :1].reshape(-1, c.width)
         eps = self.head(jnp.zeros((z.shape[0], c.token_dim)), jnp.zeros((z.shape[0],), jnp.int32), z)
-        return logits, eps, self.decode_tokens(tokens)
+        return logits, eps, self.decode_tokens(tokens[:, 0])
 
     # -- training -----------------------------------------------------------------------------------------
-    def loss(self, batch, rng, step, total_steps: int):
-        """(loss, metrics) for a mixed batch (fields: see data.pipeline); `step` may be traced."""
+    def _row_tokens(self, batch, image_key, token_key, keys):
+        """[B, G, n, C] tokens of the row's gen (or src) images: cached, or VAE-encoded with per-image keys."""
         c = self.config
-        off = c.offsets
-        task = batch["task"]
-        b, L = batch["text_tokens"].shape
-        k_lat, k_src, k_order, k_drop, k_diff = jax.random.split(rng, 5)
-        gen_valid = (task == layout.T2I) | (task == layout.EDIT)
+        if token_key in batch:
+            return batch[token_key].astype(jnp.float32)
+        images = batch[image_key]
+        b, g = images.shape[:2]
+        flat = images.reshape((b * g,) + images.shape[2:])
+        if not c.sample_latents:
+            return self.image_tokens(flat).reshape(b, g, c.n_img, c.token_dim)
+        mean, logvar = self.vae.encode(flat)  # the posterior sample is drawn per image from its own key
+        noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], mean.dtype))(_flat_keys(keys))
+        z = (mean + jnp.exp(0.5 * logvar) * noise) * c.vae.scaling_factor
+        return jax.lax.stop_gradient(patchify(z, c.patch_size).astype(jnp.float32)).reshape(
+            b, g, c.n_img, c.token_dim)
 
-        if "gen_tokens" in batch:  # pre-extracted latent tokens (latent cache)
-            gen_tokens = batch["gen_tokens"].astype(jnp.float32)
-        else:
-            gen_tokens = self.image_tokens(batch["image_gen"], k_lat)
-        src_tokens = None
-        if c.n_src:
-            src_tokens = batch["src_tokens"] if "src_tokens" in batch else self.image_tokens(batch["image_src"], k_src)
-        order = order_lib.sample_orders(
-            k_order, b, c.n_img,
-            order_lib.random_order_prob(step, total_steps, c.order_mode, c.random_until, c.raster_from))
+    def loss_terms(self, batch, rng, step, total_steps: int):
+        """Per-target and per-image loss terms of laid-out rows (layout.py); `loss` reduces them.
 
-        # CFG text dropout: a dropped t2i prompt or edit instruction becomes the empty prompt [BOS] (an edit
-        # keeps its source image), which is exactly the unconditional branch generation guides against.
-        drop = gen_valid & (jax.random.uniform(k_drop, (b,)) < c.text_dropout)
-        text_input_mask = jnp.where(drop[:, None], batch["text_input_mask"] * (jnp.arange(L) == 0),
-                                    batch["text_input_mask"])
-        input_mask, mask_ar = layout.sequence_masks(
-            task, text_input_mask, batch["text_mask_ar"], c.n_und, c.n_src, c.n_img, xp=jnp,
-            edit_und="siglip" in c.edit_source)
+        Every random draw of a gen image (latent sample, order, diffusion t / noise) comes from a key folded
+        with its gen_uid, so an example draws the same whatever row / layout it is in."""
+        c = self.config
+        b, g = batch["gen_start"].shape
+        n = c.n_img
+        k_lat, k_src, k_order, k_diff = jax.random.split(rng, 4)
+        uid = batch["gen_uid"]
+        per_image = lambda k: jax.vmap(jax.vmap(lambda u: jax.random.fold_in(k, u)))(uid)  # [B, G] keys
+        gen_tokens = self._row_tokens(batch, "image_gen", "gen_tokens", per_image(k_lat))
+        src_tokens = self._row_tokens(batch, "image_src", "src_tokens", per_image(k_src)) if c.n_src else None
+        p_random = order_lib.random_order_prob(step, total_steps, c.order_mode, c.random_until, c.raster_from)
+        orders = jax.vmap(jax.vmap(lambda k: order_lib.sample_orders(k, 1, n, p_random)[0]))(per_image(k_order))
 
-        x = self.embed_sequence(batch, gen_tokens, order, src_tokens)
-        h, _ = self(x, masks.positions_from_mask(input_mask), masks.make_attention_mask(input_mask, mask_ar))
+        h = self.forward_rows(batch, self.embed_rows(batch, gen_tokens, orders, src_tokens))
 
-        # Text: hidden at slot i predicts token i + 1 (logits only over the text segment).
-        logits = self.text_logits(h[:, off["text"]:off["text"] + L - 1])
-        labels = batch["text_tokens"][:, 1:]
-        weights = batch["text_loss_mask"][:, 1:].astype(jnp.float32)
+        # Text: logits only at the target slots (the slot before each target token).
+        slot = jnp.maximum(batch["tgt_slot"], 0)
+        logits = self.text_logits(jnp.take_along_axis(h, slot[..., None], axis=1)).astype(jnp.float32)
+        labels = batch["tgt_label"]
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], axis=-1)[..., 0]
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        text_loss = (nll * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
-        # Image: hidden at BOI .. slot n-1 predicts tokens p(0) .. p(n-1).
-        z = h[:, off["gen"]:off["gen"] + c.n_img].reshape(b * c.n_img, c.width)
-        target = order_lib.gather_tokens(gen_tokens, order).reshape(b * c.n_img, c.token_dim)
-        mask = jnp.repeat(gen_valid, c.n_img)
-        visual_loss, dmetrics = diffusion_lib.diffusion_loss(
-            lambda _, x_t, t, cond: self.head(x_t, t, cond), None, z, target, mask, k_diff,
-            c.diffusion.batch_mul, diffusion=c.diffusion.train_diffusion())
+        # Image: the hidden state at BOI + k (k = 0 .. n-1) predicts token p(k); one head call on all G images.
+        gen_valid = batch["gen_start"] >= 0
+        gslot = jnp.maximum(batch["gen_start"], 0)[..., None] + jnp.arange(n)  # [B, G, n]
+        z = jnp.take_along_axis(h, gslot.reshape(b, g * n)[..., None], axis=1).reshape(b * g, n, c.width)
+        target = jax.vmap(order_lib.gather_tokens)(gen_tokens, orders).reshape(b * g, n, c.token_dim)
+        m = c.diffusion.batch_mul
+        diffusion = c.diffusion.train_diffusion()
+        t, noise = jax.vmap(lambda k: diffusion_lib.sample_t_noise(k, m * n, c.token_dim, diffusion.num_timesteps))(
+            _flat_keys(per_image(k_diff)))
+        tile = lambda a: jnp.tile(a, (1, m, 1)).reshape(b * g * m * n, -1)  # MAR's batch_mul repeat
+        terms = diffusion_lib.diffusion_loss_terms(
+            lambda _, x_t, tt, cond: self.head(x_t, tt, cond), None, tile(z), tile(target), t.reshape(-1),
+            noise.reshape(b * g * m * n, -1), diffusion)
+        per_img = {k: v.reshape(b, g, m * n).mean(-1) for k, v in terms.items()}
+        return {"nll": nll, "correct": correct, "tgt_task": batch["tgt_task"], "visual": per_img["loss"],
+                "mse": per_img["mse"], "vb": per_img["vb"], "gen_valid": gen_valid, "orders": orders}
 
+    def loss(self, batch, rng, step, total_steps: int):
+        """(loss, metrics) for a batch of laid-out rows; `step` may be traced.
+
+            loss = mean over gen images' tokens of the diffusion loss + text_weight * mean over text targets
+        """
+        c = self.config
+        r = self.loss_terms(batch, rng, step, total_steps)
+        gv = r["gen_valid"].astype(jnp.float32)
+        n_img = jnp.maximum(gv.sum(), 1.0)
+        mean_img = lambda v: (v * gv).sum() / n_img
+        w = (r["tgt_task"] >= 0).astype(jnp.float32)
+        text_loss = (r["nll"] * w).sum() / jnp.maximum(w.sum(), 1.0)
+        visual_loss = mean_img(r["visual"])
         loss = visual_loss + c.text_weight * text_loss
+        is_random = (r["orders"] != jnp.arange(c.n_img)).any(-1).astype(jnp.float32)
         metrics = {"loss": loss, "visual_loss": visual_loss, "text_loss": text_loss,
-                   "diffusion_mse": dmetrics["mse"], "diffusion_vb": dmetrics["vb"],
-                   "random_order_frac": jnp.mean((order != jnp.arange(c.n_img)).any(-1).astype(jnp.float32))}
+                   "diffusion_mse": mean_img(r["mse"]), "diffusion_vb": mean_img(r["vb"]),
+                   "random_order_frac": mean_img(is_random)}
         for name in ("caption", "vqa"):
-            w = weights * (task == layout.TASK_IDS[name])[:, None]
-            denom = jnp.maximum(w.sum(), 1.0)
-            metrics[f"{name}_text_loss"] = (nll * w).sum() / denom
-            metrics[f"{name}_token_acc"] = (correct * w).sum() / denom
+            wt = (r["tgt_task"] == layout.TASK_IDS[name]).astype(jnp.float32)
+            denom = jnp.maximum(wt.sum(), 1.0)
+            metrics[f"{name}_text_loss"] = (r["nll"] * wt).sum() / denom
+            metrics[f"{name}_token_acc"] = (r["correct"] * wt).sum() / denom
+        counts = batch["task_count"].sum(0).astype(jnp.float32)
         for i, name in enumerate(layout.TASKS):
-            metrics[f"frac_{name}"] = jnp.mean((task == i).astype(jnp.float32))
+            metrics[f"frac_{name}"] = counts[i] / jnp.maximum(counts.sum(), 1.0)
         return loss, metrics
 
 
 def check_batch(config: UniFluidConfig, batch: dict[str, Any]) -> None:
-    """One clear error, before compiling, for a batch that does not fit the model config."""
+    """One clear error, before compiling, for a batch (laid-out rows) that does not fit the model config."""
     c = config
-    b, L = batch["text_tokens"].shape
-    if L != c.max_text_len:
-        raise ValueError(f"batch['text_tokens'] has {L} text slots but model.max_text_len is {c.max_text_len}; "
-                         "set data.max_text_len and model.max_text_len to the same value")
+    missing = [k for k in ("tokens", "segment_ids", "kind", "index", "gen_start", "tgt_slot") if k not in batch]
+    if missing:
+        raise ValueError(f"batch lacks the laid-out row fields {missing}: build it with unifluid_jax.layout "
+                         "(the data pipeline does, given the model's dims)")
     g = c.vae.image_size
-    if "gen_tokens" not in batch and tuple(batch["image_gen"].shape[1:]) != (g, g, 3):
+    if "gen_tokens" not in batch and tuple(batch["image_gen"].shape[2:]) != (g, g, 3):
         raise ValueError(f"batch['image_gen'] has shape {tuple(batch['image_gen'].shape)}; the VAE config "
-                         f"(model.vae.image_size={g}) expects [B, {g}, {g}, 3]; set data.gen_size={g}")
+                         f"(model.vae.image_size={g}) expects [B, G, {g}, {g}, 3]; set data.gen_size={g}")
     if c.n_und:
         u = c.siglip.image_size
-        if tuple(batch["image_und"].shape[1:]) != (u, u, 3):
+        if tuple(batch["image_und"].shape[2:]) != (u, u, 3):
             raise ValueError(f"batch['image_und'] has shape {tuple(batch['image_und'].shape)}; SigLIP "
-                             f"(model.siglip.image_size={u}) expects [B, {u}, {u}, 3]; set data.und_size={u}")
-    tasks = jax.device_get(batch["task"]) if not isinstance(batch["task"], jax.core.Tracer) else None
-    if tasks is not None and ((tasks < 0) | (tasks >= len(layout.TASKS))).any():
-        raise ValueError(f"batch['task'] has ids outside 0..{len(layout.TASKS) - 1} ({layout.TASKS})")
-    gemma_lib.check_tokens(batch["text_tokens"], c.llm.vocab_size)
+                             f"(model.siglip.image_size={u}) expects [B, U, {u}, {u}, 3]; set data.und_size={u}")
+    gemma_lib.check_tokens(batch["tokens"], c.llm.vocab_size)
+    gemma_lib.check_tokens(batch["tgt_label"], c.llm.vocab_size)

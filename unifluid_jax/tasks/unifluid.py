@@ -14,26 +14,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unifluid_jax import layout
 from unifluid_jax.config import check
-from unifluid_jax.data import pipeline
+from unifluid_jax.data import packing, pipeline
 from unifluid_jax.models import unifluid
 from unifluid_jax.tasks.inputs import SkipCounter
 from unifluid_jax.train import task as task_lib
 
 
 def example_batch(model_cfg: unifluid.UniFluidConfig, batch_size: int = 1) -> dict[str, np.ndarray]:
-    """A zero batch with every field the model reads (for init and AOT compilation)."""
+    """Fixed-layout rows of zero examples (one t2i per row) with every field the model reads (for init)."""
     g, L = model_cfg.vae.image_size, model_cfg.max_text_len
-    u = model_cfg.siglip.image_size if model_cfg.siglip is not None else 1
-    batch = {"task": np.zeros((batch_size,), np.int32),
-             "text_tokens": np.zeros((batch_size, L), np.int32),
-             "text_input_mask": np.ones((batch_size, L), np.int32),
-             "text_mask_ar": np.zeros((batch_size, L), np.int32),
-             "text_loss_mask": np.zeros((batch_size, L), np.int32),
-             "image_gen": np.zeros((batch_size, g, g, 3), np.float32),
-             "image_und": np.zeros((batch_size, u, u, 3), np.float32)}
+    ex = {"task": layout.T2I, **layout.text_layout("t2i", [], None, L),
+          "image_gen": np.zeros((g, g, 3), np.float32)}
+    images = {"image_gen": ((g, g, 3), np.float32)}
+    if model_cfg.siglip is not None:
+        u = model_cfg.siglip.image_size
+        images["image_und"] = ((u, u, 3), np.float32)
     if model_cfg.n_src:
-        batch["image_src"] = np.zeros((batch_size, g, g, 3), np.float32)
+        images["image_src"] = ((g, g, 3), np.float32)
+    batch, _ = layout.layout_examples([ex] * batch_size, layout.fixed_spec(model_cfg.dims), model_cfg.dims,
+                                      layout="fixed", image_spec=images)
     return batch
 
 
@@ -48,6 +49,12 @@ def check_data_matches_model(data, model_cfg: unifluid.UniFluidConfig) -> None:
               "(model.siglip.image_size)")
     check(tuple(pipeline.edit_sources(data.edit_source)) == tuple(model_cfg.edit_source), "data.edit_source",
           f"is {tuple(data.edit_source)} but model.edit_source is {model_cfg.edit_source}; set both the same")
+    tasks = {s.get("task") for s in data.sources}
+    tasks = layout.TASKS if "" in tasks or None in tasks else tuple(tasks)  # record tasks: any
+    try:
+        packing.check_config(data, model_cfg.dims, tasks)
+    except layout.LayoutError as e:
+        check(False, "data.layout", str(e))
 
 
 class UniFluidTask(task_lib.Task):
@@ -56,10 +63,14 @@ class UniFluidTask(task_lib.Task):
         super().__init__(config)
         self.model_config = unifluid.config_from_dict(config.model)
         self.model = unifluid.UniFluid(self.model_config)
-        spec = pipeline.batch_spec(config.data, 1)
+        spec = self.batch_shapes(1)
         self.batch_logical_axes = {k: ("act_batch",) + (None,) * (len(shape) - 1)
                                    for k, (shape, _) in spec.items()}
         self._inputs: list[SkipCounter] = []
+
+    def batch_shapes(self, batch_size: int) -> dict:
+        """{field: (shape, dtype)} of a step's batch of laid-out rows (tools/aot.py reads this)."""
+        return pipeline.batch_spec(self.config.data, batch_size, self.model_config.dims)
 
     @classmethod
     def validate_config(cls, config) -> None:
@@ -78,7 +89,7 @@ class UniFluidTask(task_lib.Task):
     def make_input(self, config, process_index: int, process_count: int):
         it = SkipCounter(pipeline.make_iterator(
             config.data, shard_index=process_index, shard_count=process_count,
-            batch_size=config.train.batch_size // process_count))
+            batch_size=config.train.batch_size // process_count, dims=self.model_config.dims))
         self._inputs.append(it)
         return it
 
@@ -106,9 +117,4 @@ class UniFluidTask(task_lib.Task):
 
     def tokens_per_batch(self, batch) -> int:
         # Sequence slots that hold a real token (SigLIP, text and image tokens alike).
-        c = self.model_config
-        task = np.asarray(batch["task"])
-        text = int(np.asarray(batch["text_input_mask"]).sum())
-        und = c.n_und * int(np.isin(task, (1, 2, 3)).sum())
-        gen = (1 + c.n_img) * int(np.isin(task, (0, 3)).sum())
-        return text + und + gen
+        return int((np.asarray(batch["segment_ids"]) > 0).sum())
