@@ -5,17 +5,16 @@ import socket
 import subprocess
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 from PIL import Image
 
 from tests.train import runner
 from unifluid_jax import main
 from unifluid_jax.config import ConfigError
 from unifluid_jax.convert import inception as inception_convert
-from unifluid_jax.evals import inception
+from unifluid_jax.evals import coco
 from unifluid_jax.train import trainer
 
 pytestmark = pytest.mark.xdist_group("fid_eval")
@@ -31,8 +30,12 @@ def _inputs(root, weights=True):
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     rng = np.random.default_rng(0)
     np.savez(str(root / "ref.npz"), mu=rng.normal(size=2048) * 0.1, sigma=np.eye(2048) * 0.02)
-    if weights:
-        params = jax.jit(inception.FIDInceptionV3().init)(jax.random.key(0), jnp.zeros((1, 75, 75, 3)))
+    if weights:  # random He-scaled weights in the converter's expected shapes (no network run to init them)
+        exp = inception_convert._expected()
+        params = {p: rng.normal(size=s.shape) * (2 / np.prod(s.shape[:-1])) ** 0.5 if p[-1] == "kernel"
+                  else (1 + rng.random(s.shape) if p[-1] in ("scale", "var") else 0.1 * rng.normal(size=s.shape))
+                  for p, s in exp.items()}
+        params = {"params": traverse_util.unflatten_dict({p: v.astype(np.float32) for p, v in params.items()})}
         inception_convert.save(params, str(root / "pt_inception-test.pth"))
     return root
 
@@ -72,6 +75,12 @@ def test_bad_inputs_fail_first(shapes_dir, tmp_path):
     with pytest.raises(ConfigError, match="ref64.npz has feature dim 64.*2048"):
         main.run(cfg, str(tmp_path / "no_run"), "fid_eval")
     assert not (tmp_path / "out").exists()  # nothing written
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "fid_eval_settings.json").write_text(json.dumps(dict(
+        coco._manifest(_config(shapes_dir, root, tmp_path / "old"), coco.settings(cfg), PROMPTS), batch_size=4)))
+    cfg = _config(shapes_dir, root, tmp_path / "old")
+    with pytest.raises(ConfigError, match="old holds an fid_eval run with other settings.*batch_size: 4 there, 8 now"):
+        main.run(cfg, str(tmp_path / "no_run"), "fid_eval")
 
 
 def _free_port() -> int:

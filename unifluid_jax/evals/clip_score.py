@@ -169,9 +169,14 @@ def cosine(text_emb, image_emb) -> np.ndarray:
     return (t * i).sum(-1) / (np.linalg.norm(t, axis=-1) * np.linalg.norm(i, axis=-1))
 
 
+def score_from_cosines(cos) -> float:
+    """Mean of 100 * max(cos, 0)."""
+    return float(np.mean(100.0 * np.maximum(np.asarray(cos, np.float64), 0.0)))
+
+
 def clip_score(text_emb, image_emb) -> float:
-    """Mean of 100 * max(cos, 0) over matching (text, image) rows."""
-    return float(np.mean(100.0 * np.maximum(cosine(text_emb, image_emb), 0.0)))
+    """CLIP score of matching (text, image) embedding rows."""
+    return score_from_cosines(cosine(text_emb, image_emb))
 
 
 class Scorer:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # (pytorch-fid / clean-fid: mu, sigma) or a folder of reference images; mode: Inception preprocessing
 # (evals/inception.py MODES); clip: a transformers CLIPModel folder ('' = no CLIP score); splits: IS splits;
 # inception_size: 299 except in tests.
+MANIFEST = "fid_eval_settings.json"
 SETTINGS = dict(inception="", ref_stats="", mode="clean", clip="", splits=10, inception_size=inception_lib.SIZE)
 
 
@@ -133,8 +134,9 @@ class Progress:
         self.done, self.new = self.done + n, self.new + n
         rate = self.new / max(time.time() - self.start, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta_s = f"{int(eta) // 3600}:{int(eta) % 3600 // 60:02d}:{int(eta) % 60:02d}" if math.isfinite(eta) else "?"
         line = (f"fid_eval process {jax.process_index()}: {self.done}/{self.total} images, {rate:.2f} img/s, "
-                f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta)) if math.isfinite(eta) else '?'}")
+                f"ETA {eta_s}")
         log.info(line)
         return line
 
@@ -176,6 +178,29 @@ def generate_and_encode(config, model, variables, tok, prompts: list[str], out: 
         progress.update(len(real))
 
 
+def _manifest(config, s: dict, prompts: list[str]) -> dict:
+    """The settings that decide the images and features, kept in the output directory: a resumed run must
+    have the same ones (another batch size or seed would mix two protocols in one set of files)."""
+    inf = config.infer
+    return {"prompts": len(prompts), "first_prompt": prompts[0], "last_prompt": prompts[-1],
+            "batch_size": int(inf.batch_size), "seed": int(inf.seed), "num_steps": int(inf.num_steps),
+            "cfg_scale": float(inf.cfg_scale), "cfg_schedule": inf.cfg_schedule,
+            "temperature": float(inf.temperature), "order": inf.order, "step": int(inf.step),
+            "inception_mode": s["mode"], "inception_size": int(s["inception_size"]), "clip": s["clip"]}
+
+
+def check_manifest(want: dict, out: str) -> None:
+    path = fs.join(out, MANIFEST)
+    if not fs.exists(path):
+        return
+    have = json.loads(fs.read_text(path))
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    if diff:
+        what = "; ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in diff)
+        raise ConfigError(f"{out} holds an fid_eval run with other settings ({what}); set config.infer.out "
+                          "to a new directory")
+
+
 def _features_path(out: str, b: int) -> str:
     return fs.join(out, "features", f"{b:06d}.npz")
 
@@ -204,7 +229,8 @@ def metrics(out: str, n_prompts: int, batch_size: int, s: dict, ext) -> dict:
            "inception_score": is_mean, "inception_score_std": is_std, "inception_mode": s["mode"],
            "inception_size": int(s["inception_size"])}
     if cos:
-        res["clip_score"] = float(np.mean(100.0 * np.maximum(np.concatenate(cos), 0.0)))
+        from unifluid_jax.evals import clip_score
+        res["clip_score"] = clip_score.score_from_cosines(np.concatenate(cos))
         res["clip_checkpoint"] = s["clip"]
     return res
 
@@ -218,11 +244,15 @@ def run(config, workdir: str) -> dict:
     tok = cli._tokenizer(config)
     cli._check_prompts(cli.unifluid.config_from_dict(config.model), prompts, tok)
     _check(config, s, prompts)
+    out = config.infer.out or fs.join(workdir, "fid_eval")
+    manifest = _manifest(config, s, prompts)
+    check_manifest(manifest, out)
     ext, clip = _load_networks(s, _row_sharder())
     model, variables = cli.load_model(config, workdir)
-    out = config.infer.out or fs.join(workdir, "fid_eval")
     for sub in ("images", "features"):
         fs.makedirs(fs.join(out, sub))
+    if not fs.exists(fs.join(out, MANIFEST)):
+        _save_atomic(fs.join(out, MANIFEST), json.dumps(manifest, indent=1).encode())
     bs = int(config.infer.batch_size)
     generate_and_encode(config, model, variables, tok, prompts, out, ext, clip)
     sync_processes("fid_eval_generated")
