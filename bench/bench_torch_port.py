@@ -43,12 +43,10 @@ def main():
     spec.loader.exec_module(demo)
     cfg = demo.get_config("data=/nonexistent")
     task = UniFluidTask(cfg)
-    params = jax.device_get(jax.jit(lambda k: jax.tree.map(
-        lambda p: p.value if hasattr(p, "value") else p, task.init_params(k)))(jax.random.key(0)))
-    leaves, tdef = jax.tree.flatten(params)  # non-zero head (its output layers are zero at init)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(tdef, [np.asarray(x + 0.02 * jax.random.normal(k, x.shape), np.float32)
-                                       for x, k in zip(leaves, keys)])
+    from unifluid_jax.train import sharding
+    abstract = sharding.unbox_abstract(jax.eval_shape(task.init_params, jax.random.key(0)))
+    gen = np.random.default_rng(0)  # random everywhere (the head's output layers are zero at init)
+    params = jax.tree.map(lambda a: (0.02 * gen.standard_normal(a.shape)).astype(np.float32), abstract)
     folder = tempfile.mkdtemp(prefix="bench_torch_port_")
     conv.export_params(params, task.model_config, folder, model_section=cfg.model, overwrite=True)
     port = UniFluidTorch.from_folder(folder)

@@ -19,6 +19,7 @@ from unifluid_jax.models import diffusion as diff_lib  # noqa: E402
 from unifluid_jax.models import unifluid  # noqa: E402
 from unifluid_jax.models.gaussian_diffusion import create_diffusion  # noqa: E402
 from unifluid_jax.tasks.unifluid import UniFluidTask  # noqa: E402
+from unifluid_jax.train import sharding  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("torch_port")
 _TEXTS = ["a red circle", "two blue squares", "a green triangle left of a yellow cross", "how many shapes",
@@ -31,13 +32,10 @@ def setup(tmp_path_factory):
     tok_path = tok_lib.train_tokenizer(_TEXTS, str(tmp / "tok"), vocab_size=120)
     cfg = runner.load_config("configs/unifluid_tiny.py", "data=/nonexistent")
     task = UniFluidTask(cfg)
-    params = jax.device_get(jax.jit(lambda k: jax.tree.map(
-        lambda p: p.value if hasattr(p, "value") else p, task.init_params(k)))(jax.random.key(0)))
-    # Random everywhere (the head's adaLN / final layers are zero at init, norms are 0 / 1).
-    leaves, tdef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(tdef, [np.asarray(x + 0.05 * jax.random.normal(k, x.shape), np.float32)
-                                       for x, k in zip(leaves, keys)])
+    # Random everywhere (no init compile; the head's output layers are zero at init, norms 0 / 1).
+    abstract = sharding.unbox_abstract(jax.eval_shape(task.init_params, jax.random.key(0)))
+    gen = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: (0.05 * gen.standard_normal(a.shape)).astype(np.float32), abstract)
     out = str(tmp / "export")
     conv.export_params(params, task.model_config, out, model_section=cfg.model, tokenizer=tok_path,
                        extra={"caption_prompt": "caption en"})
