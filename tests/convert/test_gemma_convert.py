@@ -129,35 +129,173 @@ def to_official(sd, cfg, gating_layout, fused_qkv=False):
     return tree
 
 
-def to_big_vision(sd, cfg, gating_layout):
-    per_layer = [_layer_tensors(sd, cfg, i, gating_layout, False) for i in range(cfg.num_layers)]
-    flat = {f"params/llm/layers/{name}": np.stack([lt[name] for lt in per_layer]) for name in per_layer[0]}
-    flat["params/llm/embedder/input_embedding"] = _padded_embedding(sd)
-    flat["params/llm/final_norm/scale"] = sd["model.norm.weight"]
-    return flat
+# big_vision's Gemma params, declared as google-research/big_vision big_vision/models/ppp/gemma.py declares them
+# (Einsum.param('w'), RMSNorm.param('scale'), Embedder.param('input_embedding'), FeedForward.param(
+# 'gating_einsum', (2, features, hidden_dim)) and .param('linear', (hidden_dim, features)), Block submodule
+# names, nn.scan(variable_axes={'params': 0}) under 'layers' or layers/<i> unscanned). Only the declarations:
+# the tree Flax builds from them is what big_vision writes, and the fixture below must have exactly that tree.
+
+class _BVEinsum(nn.Module):
+    shape: tuple
+
+    @nn.compact
+    def __call__(self):
+        return self.param("w", nn.initializers.normal(), self.shape)
+
+
+class _BVBlock(nn.Module):
+    n: int
+    k: int
+    d: int
+    h: int
+    f: int
+
+    @nn.compact
+    def __call__(self, x, _):
+        _Norm(name="pre_attention_norm")(self.d)
+        attn = _Attn(self.n, self.k, self.d, self.h, name="attn")
+        attn()
+        _Norm(name="pre_ffw_norm")(self.d)
+        _FF(self.d, self.f, name="mlp")()
+        return x, None
+
+
+class _Norm(nn.Module):
+    @nn.compact
+    def __call__(self, d):
+        return self.param("scale", nn.initializers.normal(), (d,))
+
+
+class _Attn(nn.Module):
+    n: int
+    k: int
+    d: int
+    h: int
+
+    @nn.compact
+    def __call__(self):
+        if self.k == self.n:
+            _BVEinsum((3, self.n, self.d, self.h), name="qkv_einsum")()
+        else:
+            _BVEinsum((self.n, self.d, self.h), name="q_einsum")()
+            _BVEinsum((2, self.k, self.d, self.h), name="kv_einsum")()
+        _BVEinsum((self.n, self.h, self.d), name="attn_vec_einsum")()
+
+
+class _FF(nn.Module):
+    d: int
+    f: int
+
+    @nn.compact
+    def __call__(self):
+        self.param("gating_einsum", nn.initializers.normal(), (2, self.d, self.f))
+        self.param("linear", nn.initializers.normal(), (self.f, self.d))
+
+
+class _BVLayers(nn.Module):  # unscanned: layers/<i>
+    depth: int
+    kw: dict
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.depth):
+            x, _ = _BVBlock(**self.kw, name=str(i))(x, None)
+        return x
+
+
+class _BVModel(nn.Module):
+    cfg: gemma.GemmaConfig
+    scan: bool
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        _Embedder(c.vocab_size, c.width, name="embedder")()
+        kw = dict(n=c.num_heads, k=c.num_kv_heads, d=c.width, h=c.head_dim, f=c.mlp_dim)
+        if self.scan:
+            nn.scan(_BVBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.num_layers)(
+                **kw, name="layers")(x, None)
+        else:
+            _BVLayers(c.num_layers, kw, name="layers")(x)
+        _Norm(name="final_norm")(c.width)
+
+
+class _Embedder(nn.Module):
+    v: int
+    d: int
+
+    @nn.compact
+    def __call__(self):
+        self.param("input_embedding", nn.initializers.normal(), (self.v, self.d))
+
+
+def big_vision_shapes(cfg, scan=True):
+    """{'layers/mlp/linear': shape, ...}: the param tree big_vision's declarations produce for this config."""
+    tree = jax.eval_shape(_BVModel(cfg, scan).init, jax.random.PRNGKey(0), np.zeros((1,)))["params"]
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): x.shape
+            for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def to_big_vision(sd, cfg, scan=True):
+    """big_vision params written from HF weights (independently of conv): gating (2, D, F), no '/w' on the
+    MLP, qkv_einsum when K == N; under 'params/llm' as in a PaliGemma checkpoint."""
+    fused = cfg.num_kv_heads == cfg.num_heads
+    per_layer = [{k.removesuffix("/w") if k.startswith("mlp/") else k: v
+                  for k, v in _layer_tensors(sd, cfg, i, "DF", fused).items()} for i in range(cfg.num_layers)]
+    if scan:
+        flat = {f"layers/{name}": np.stack([lt[name] for lt in per_layer]) for name in per_layer[0]}
+    else:
+        flat = {f"layers/{i}/{name}": v for i, lt in enumerate(per_layer) for name, v in lt.items()}
+    flat["embedder/input_embedding"] = sd["model.embed_tokens.weight"]
+    flat["final_norm/scale"] = sd["model.norm.weight"]
+    return {f"params/llm/{k}": v for k, v in flat.items()}
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["q+kv", "qkv"])
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
+def test_big_vision_import_and_export(kv_heads, scan):
+    model = tiny_hf("gemma", num_key_value_heads=kv_heads, num_hidden_layers=2)  # big_vision's Gemma is Gemma-1
+    cfg = conv.config_from_hf(model.config)
+    sd = np_state_dict(model)
+    fixture = to_big_vision(sd, cfg, scan)
+    # The fixture is exactly the tree big_vision's own declarations produce.
+    assert {k.removeprefix("params/llm/"): v.shape for k, v in fixture.items()} == big_vision_shapes(cfg, scan)
+    params = conv.params_from_big_vision(fixture, cfg)
+    assert_trees_equal(params, conv.params_from_hf(sd, cfg))
+    cfg_u = conv.config_from_hf(model.config, scan_layers=False)  # into the unscanned project layout too
+    assert_trees_equal(conv.params_from_big_vision(fixture, cfg_u), conv.params_from_hf(sd, cfg_u))
+    # Export writes the same tree and values back; and it round-trips.
+    out = conv._flatten(conv.params_to_big_vision(params, cfg, scan=scan))
+    assert sorted(out) == sorted(k.removeprefix("params/llm/") for k in fixture)
+    for k, v in out.items():
+        np.testing.assert_array_equal(v, fixture["params/llm/" + k], err_msg=k)
+    assert_trees_equal(conv.params_from_big_vision({"llm": conv.params_to_big_vision(params, cfg, scan)}, cfg),
+                       params)
 
 
 @pytest.mark.parametrize("gating_layout", ["DF", "FD"])
-def test_official_flax_and_big_vision_import_equal_hf_import(gating_layout):
+def test_official_flax_export_round_trip(gating_layout):
     model = tiny_hf("gemma2")
     cfg = conv.config_from_hf(model.config)
     sd = np_state_dict(model)
-    from_hf = conv.params_from_hf(sd, cfg)
-    assert_trees_equal(conv.params_from_flax(to_official(sd, cfg, gating_layout), cfg), from_hf)
-    assert_trees_equal(conv.params_from_big_vision(to_big_vision(sd, cfg, gating_layout), cfg), from_hf)
-    # unscanned target layout too
-    cfg_u = conv.config_from_hf(model.config, scan_layers=False)
-    assert_trees_equal(conv.params_from_big_vision(to_big_vision(sd, cfg, gating_layout), cfg_u),
-                       conv.params_from_hf(sd, cfg_u))
+    params = conv.params_from_hf(sd, cfg)
+    tree = conv.params_to_flax(params, cfg, gating_layout=gating_layout)
+    want = to_official(sd, cfg, gating_layout)  # written from the HF weights, independently of conv
+    want["transformer"]["embedder"]["input_embedding"] = sd["model.embed_tokens.weight"]  # no padding rows
+    got, ref = conv._flatten(tree), conv._flatten(want)
+    assert sorted(got) == sorted(ref)
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    assert_trees_equal(conv.params_from_flax(tree, cfg, gating_layout=gating_layout), params)
 
 
-def test_official_flax_fused_qkv_gemma1():
-    model = tiny_hf("gemma", num_key_value_heads=4, num_hidden_layers=2)  # K == N: qkv_einsum
+def test_official_flax_export_fused_qkv_gemma1():
+    model = tiny_hf("gemma", num_key_value_heads=4, num_hidden_layers=2)
     cfg = conv.config_from_hf(model.config)
-    sd = np_state_dict(model)
-    tree = to_official(sd, cfg, "FD", fused_qkv=True)
-    assert tree["transformer"]["layer_0"]["attn"]["qkv_einsum"]["w"].shape == (3, 4, 64, 16)
-    assert_trees_equal(conv.params_from_flax(tree, cfg), conv.params_from_hf(sd, cfg))
+    params = conv.params_from_hf(np_state_dict(model), cfg)
+    tree = conv.params_to_flax(params, cfg, gating_layout="FD")
+    assert tree["transformer"]["layer_1"]["attn"]["qkv_einsum"]["w"].shape == (3, 4, 64, 16)
+    assert_trees_equal(conv.params_from_flax(tree, cfg), params)
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -176,7 +314,7 @@ def test_missing_and_misshaped_tensors_are_named():
         conv.params_from_hf(bad, cfg)
     with pytest.raises(conv.CheckpointError, match=r"unexpected tensor.*model\.layers\.2"):
         conv.params_from_hf(sd, conv.config_from_hf(model.config, num_layers=2))
-    flat = to_big_vision(sd, cfg, "FD")
+    flat = to_big_vision(sd, cfg)
     flat["params/llm/layers/attn/q_einsum/w"] = flat["params/llm/layers/attn/q_einsum/w"][:3]
     with pytest.raises(conv.CheckpointError, match=r"'layers/attn/q_einsum/w' has shape \(3, 4, 64, 16\) but "
                                                    r"the config expects \(4, 4, 64, 16\)"):

@@ -1,4 +1,4 @@
-"""Gemma weight conversion: HF transformers <-> project params; official Flax and big_vision -> project params.
+"""Gemma weight conversion: project params <-> HF transformers, official Flax and big_vision layouts.
 
 Python API::
 
@@ -9,7 +9,9 @@ Python API::
     params = conv.params_from_hf(hf_model.state_dict(), cfg)          # torch tensors or numpy arrays
     params = conv.load_hf_checkpoint("/path/to/save_pretrained_dir", cfg)   # *.safetensors
     params = conv.params_from_flax(official_tree_or_flat_dict, cfg)   # 'transformer/layer_0/attn/q_einsum/w'
-    params = conv.params_from_big_vision(flat_or_tree, cfg)           # 'llm/layers/attn/q_einsum/w' (scanned)
+    params = conv.params_from_big_vision(flat_or_tree, cfg)           # 'llm/layers/mlp/linear' (big_vision)
+    tree = conv.params_to_flax(params, cfg)                           # official Flax tree ('transformer/...')
+    tree = conv.params_to_big_vision(params, cfg)                     # big_vision / PaliGemma 'llm' tree
     state_dict = conv.params_to_hf(params, cfg)                       # numpy arrays, HF names
     conv.save_hf_checkpoint(params, cfg, "/out/dir")                  # model.safetensors + config.json
     logits = gemma.Gemma(cfg).apply({"params": params}, tokens, method="forward")
@@ -353,19 +355,95 @@ def params_from_flax(checkpoint: Mapping, cfg: GemmaConfig, gating_layout: str |
                            get=lambda name, shape, i: src.get(at(name, i), shape), gating_layout=gating_layout)
 
 
-def params_from_big_vision(checkpoint: Mapping, cfg: GemmaConfig, gating_layout: str | None = None) -> dict:
-    """big_vision scanned Gemma ('llm/layers/attn/q_einsum/w' with a leading layer axis; 'llm/embedder/...')."""
+# big_vision's FeedForward declares its two matrices with self.param (no Einsum module, so no '/w'), the
+# gating one as (2, D, F); its Attention, norms and embedder match the official names.
+_BV_NAMES = {"mlp/gating_einsum/w": "mlp/gating_einsum", "mlp/linear/w": "mlp/linear"}
+
+
+def params_from_big_vision(checkpoint: Mapping, cfg: GemmaConfig) -> dict:
+    """big_vision Gemma params (big_vision/models/ppp/gemma.py; PaliGemma keeps them under 'llm/'): scanned
+    ('layers/attn/q_einsum/w' with a leading layer axis) or not ('layers/0/attn/q_einsum/w');
+    'mlp/gating_einsum' (2, D, F) and 'mlp/linear' (F, D) without '/w'."""
     flat = _strip(_flatten(checkpoint), ("params/", "llm/"))
     src = _Source(flat, "big_vision checkpoint")
+    scanned = not any(key.startswith("layers/0/") for key in flat)
     cache: dict[str, np.ndarray] = {}
     L = cfg.num_layers
 
+    def name_of(name, i=None):
+        name = _BV_NAMES.get(name, name)
+        return f"layers/{name}" if scanned else f"layers/{i}/{name}"
+
     def get(name, shape, i):
+        if not scanned:
+            return src.get(name_of(name, i), shape)
         if name not in cache:
-            cache[name] = src.get(f"layers/{name}", (L,) + tuple(shape))
+            cache[name] = src.get(name_of(name), (L,) + tuple(shape))
         return cache[name][i]
 
     return _from_flax_like(cfg, src, "embedder/input_embedding", "final_norm/scale",
-                           has=lambda name: src.has(f"layers/{name}"),
-                           shape_of=lambda name: src.shape(f"layers/{name}")[1:],
-                           get=get, gating_layout=gating_layout)
+                           has=lambda name: src.has(name_of(name, 0)),
+                           shape_of=lambda name: src.shape(name_of(name, 0))[0 if not scanned else 1:],
+                           get=get, gating_layout="DF")
+
+
+# ------------------------------------------------------------------------ export to official Flax / big_vision
+
+def _to_flax_like(params, cfg: GemmaConfig, gating_layout: str, fused_qkv: bool | None) -> tuple:
+    """(embedding, final norm, per-layer {'attn/q_einsum/w': ...}) in the official Flax names and layouts."""
+    if gating_layout not in ("DF", "FD"):
+        raise ValueError(f"gating_layout must be 'DF' (2, D, F) or 'FD' (2, F, D), got {gating_layout!r}")
+    fused = cfg.num_kv_heads == cfg.num_heads if fused_qkv is None else fused_qkv
+    if fused and cfg.num_kv_heads != cfg.num_heads:
+        raise CheckpointError(f"qkv_einsum needs num_kv_heads == num_heads, got {cfg.num_kv_heads} and "
+                              f"{cfg.num_heads}")
+    embed, final_norm, blocks = _disassemble(cfg, _unbox(params))
+    layers = []
+    for blk in blocks:
+        out = {"attn/attn_vec_einsum/w": blk["attn/attn_vec_einsum"], "mlp/linear/w": blk["mlp/linear"],
+               "mlp/gating_einsum/w": blk["mlp/gating_einsum"] if gating_layout == "FD"
+               else np.ascontiguousarray(blk["mlp/gating_einsum"].transpose(0, 2, 1))}
+        if fused:
+            out["attn/qkv_einsum/w"] = np.concatenate([blk["attn/q_einsum"][None], blk["attn/kv_einsum"]])
+        else:
+            out["attn/q_einsum/w"], out["attn/kv_einsum/w"] = blk["attn/q_einsum"], blk["attn/kv_einsum"]
+        out.update({f"{norm}/scale": blk[f"{norm}/scale"] for norm in _norm_names(cfg)})
+        layers.append(out)
+    return embed, final_norm, layers
+
+
+def _nest(flat: Mapping) -> dict:
+    tree: dict = {}
+    for key, arr in flat.items():
+        node = tree
+        *parents, leaf = key.split("/")
+        for q in parents:
+            node = node.setdefault(q, {})
+        node[leaf] = arr
+    return tree
+
+
+def params_to_flax(params, cfg: GemmaConfig, gating_layout: str = "DF", fused_qkv: bool | None = None) -> dict:
+    """Project params -> the official Flax Gemma tree {'transformer': {'layer_0': {'attn': {'q_einsum': {'w'}}}}}
+    (numpy). gating_layout: 'DF' = (2, D, F) as Gemma 2B / Gemma-2 2B; 'FD' = (2, F, D) as the official
+    transpose_gating_einsum=True models (Gemma-2 9B/27B). fused_qkv: qkv_einsum (default when K == N)."""
+    embed, final_norm, layers = _to_flax_like(params, cfg, gating_layout, fused_qkv)
+    flat = {"embedder/input_embedding": embed, "final_norm/scale": final_norm}
+    for i, layer in enumerate(layers):
+        flat.update({f"layer_{i}/{k}": v for k, v in layer.items()})
+    return {"transformer": _nest(flat)}
+
+
+def params_to_big_vision(params, cfg: GemmaConfig, scan: bool = True) -> dict:
+    """Project params -> big_vision's Gemma param tree {'embedder', 'layers', 'final_norm'} (numpy): layers
+    stacked on a leading axis (scan=True, big_vision's default) or 'layers/<i>'; MLP without '/w' and the
+    gating matrix as (2, D, F). For a PaliGemma checkpoint put it under 'llm'."""
+    embed, final_norm, layers = _to_flax_like(params, cfg, "DF", None)
+    flat = {"embedder/input_embedding": embed, "final_norm/scale": final_norm}
+    for name in layers[0]:
+        bv = _BV_NAMES.get(name, name)
+        if scan:
+            flat[f"layers/{bv}"] = np.stack([layer[name] for layer in layers])
+        else:
+            flat.update({f"layers/{i}/{bv}": layer[name] for i, layer in enumerate(layers)})
+    return _nest(flat)
