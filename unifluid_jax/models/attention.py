@@ -201,7 +201,6 @@ def splash_attention(q, k, v, mask: SegmentMask, cap, window, interpret: bool = 
         head_axes, tp = None, 1
     if tp > 1 and k_heads % tp:  # kv heads cannot follow the query heads' split: give every query head its own
         k, v = (jnp.repeat(x, n // k_heads, axis=1) for x in (k, v))
-        k_heads = n
 
     def local(q, k, v, q_ids, kv_ids):
         from jax.experimental.pallas.ops.tpu import splash_attention as splash
