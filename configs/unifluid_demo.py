@@ -27,7 +27,7 @@ def get_config(arg=None):
                                             max_text_len=c.data.max_text_len).sources
     c.checkpoint.init_subtrees[0]["workdir"] = a.get("vae", "")
     if a.get("siglip"):
-        c.checkpoint.init_subtrees.append(dict(workdir=a["siglip"], src="image", dst="siglip"))
+        c.checkpoint.init_subtrees.append(dict(workdir=a["siglip"], src="img", dst="siglip"))
     c.model.vae.scaling_factor = float(a.get("scaling", 1.0))
     c.model.text_weight = float(a.get("text_weight", c.model.text_weight))
     c.model.order_mode = a.get("order", c.model.order_mode)

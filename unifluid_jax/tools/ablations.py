@@ -2,7 +2,7 @@
 
     python -m unifluid_jax.tools.ablations --workdir=workdir/ablations [--seeds=0,1] [--steps=N]
 
-Per seed: one shapes dataset and one VAE (tools/demo.py stages 1-2), shared by the rows; per row: UniFluid
+Per seed: one shapes dataset, one VAE and one SigLIP (tools/demo.py stages 1-3), shared by the rows; per row: UniFluid
 with the demo recipe plus the row's overrides, then the eval suite. Resumable like the demo (finished runs and
 evals are reused). Writes WORKDIR/ablations.json (every number) and WORKDIR/ablations.md (the tables: mean and
 spread over seeds of shapes-GenEval, VQA exact match and caption exact match, each with the paper's direction).
@@ -43,11 +43,11 @@ def run(workdir: str, grid, seeds=None, steps: int = 0) -> dict:
     for seed in seeds:
         sdir = os.path.join(workdir, f"seed{seed}")
         os.makedirs(sdir, exist_ok=True)
-        data_dir, vae_dir, vae_stats = demo.prepare(sdir, p, seed)
+        data_dir, stats = demo.prepare(sdir, p, seed)
         for row, arg in grid.rows.items():
             run_dir = os.path.join(sdir, row)
             demo._log(f"ablation {row} seed {seed}: {arg}")
-            cfg = demo.train_unifluid(run_dir, p, seed, data_dir, vae_dir, vae_stats, extra_arg=arg)
+            cfg = demo.train_unifluid(run_dir, p, seed, data_dir, stats, extra_arg=arg)
             res = demo.evaluate(os.path.join(run_dir, "eval"), p, seed, cfg, run_dir, data_dir)
             out["rows"].setdefault(row, {})[str(seed)] = {name: _get(res, path) for name, path in METRICS}
     out["wall_seconds"] = time.time() - t0

@@ -6,8 +6,9 @@ Stages (each skipped when its output exists, so re-running resumes instead of st
 stages also resume mid-run from their checkpoints):
   1. build the shapes dataset + SentencePiece tokenizer                          -> WORKDIR/shapes
   2. train the small KL-VAE, measure held-out PSNR and the latent scaling factor -> WORKDIR/vae
-  3. train UniFluid on mixed t2i + caption + vqa with the VAE frozen             -> WORKDIR/unifluid
-  4. evaluate: shapes-GenEval, FD, CIDEr, VQA accuracy, each beside its chance baseline; sample grid
+  3. train the small SigLIP (big_vision's sigmoid loss on the caption pairs)     -> WORKDIR/siglip
+  4. train UniFluid on mixed t2i + caption + vqa, VAE and SigLIP image tower frozen -> WORKDIR/unifluid
+  5. evaluate: shapes-GenEval, FD, CIDEr, VQA accuracy, each beside its chance baseline; sample grid
                                                                                  -> WORKDIR/eval
 and writes WORKDIR/demo_summary.json with every number and where the time went. Each stage prints one
 progress line. `--seed` changes the dataset (scenes, GenEval prompts), the initialisation and the data order.
@@ -30,18 +31,18 @@ FLAGS = flags.FLAGS
 # Every knob of the recipe, per preset. `unifluid` is the arg string of configs/unifluid_demo.py (so a stage is
 # reproducible with `python -m unifluid_jax.main --config=configs/unifluid_demo.py:...`).
 PRESETS = {
-    "short": dict(num_train=8000, geneval_fraction=1.0, vae_steps=1000, steps=1200, num_eval=25,
-                  unifluid="mix=t2i:2/caption:0.5/vqa:0.5,order=raster,batch_mul=2,text_weight=0.05,"
-                           "train_siglip=1,lr=1e-3,batch=32",
-                  cfg_scale=3.0, cfg_schedule="constant", temperature=0.7, num_sample_steps=50),
-    "long": dict(num_train=20000, geneval_fraction=1.0, vae_steps=1000, steps=6000, num_eval=25,
-                 unifluid="mix=t2i:2/caption:0.5/vqa:0.5,order=raster,batch_mul=2,text_weight=0.05,"
-                          "train_siglip=1,lr=1e-3,batch=32",
-                 cfg_scale=3.0, cfg_schedule="constant", temperature=0.7, num_sample_steps=50),
-    "quick": dict(num_train=64, geneval_fraction=1.0, vae_steps=20, steps=10, num_eval=2,
-                  unifluid="mix=t2i:2/caption:0.5/vqa:0.5,order=raster,batch_mul=2,text_weight=0.05,"
-                           "train_siglip=1,lr=1e-3,batch=8",
-                  cfg_scale=3.0, cfg_schedule="constant", temperature=0.7, num_sample_steps=20),
+    "short": dict(num_train=8000, geneval_fraction=1.0, vae_steps=1000, siglip_steps=500, steps=900, num_eval=25,
+                  unifluid="mix=t2i:1/caption:0.5/vqa:0.5,order=annealed,batch_mul=4,text_weight=0.2,"
+                           "lr=1e-3,schedule=constant,batch=32",
+                  cfg_scale=3.0, cfg_schedule="constant", temperature=1.0, num_sample_steps=50),
+    "long": dict(num_train=20000, geneval_fraction=1.0, vae_steps=1000, siglip_steps=800, steps=6000, num_eval=25,
+                 unifluid="mix=t2i:1/caption:0.5/vqa:0.5,order=annealed,batch_mul=4,text_weight=0.2,"
+                          "lr=1e-3,schedule=constant,batch=32",
+                 cfg_scale=3.0, cfg_schedule="constant", temperature=1.0, num_sample_steps=50),
+    "quick": dict(num_train=64, geneval_fraction=1.0, vae_steps=20, siglip_steps=10, steps=10, num_eval=2,
+                  unifluid="mix=t2i:1/caption:0.5/vqa:0.5,order=annealed,batch_mul=4,text_weight=0.2,"
+                           "lr=1e-3,schedule=constant,batch=8",
+                  cfg_scale=3.0, cfg_schedule="constant", temperature=1.0, num_sample_steps=20),
 }
 
 
@@ -114,13 +115,14 @@ def _finished(run_dir: str, steps: int) -> bool:
             and os.path.exists(os.path.join(run_dir, "metrics_summary.json")))
 
 
-def prepare(workdir: str, p: dict, seed: int) -> tuple[str, str, dict]:
-    """Stages 1-2 (dataset, VAE) in `workdir`; returns (data_dir, vae_dir, vae_stats)."""
+def prepare(workdir: str, p: dict, seed: int) -> tuple[str, dict]:
+    """Stages 1-3 (dataset, VAE, SigLIP) in `workdir`; returns (data_dir, stats): stats['vae'] and, when the
+    preset trains one, stats['siglip'] (the runs are WORKDIR/vae and WORKDIR/siglip)."""
     from unifluid_jax import config as config_lib
     from unifluid_jax.tools import build_shapes
     data_dir = os.path.join(workdir, "shapes")
     if not os.path.exists(os.path.join(data_dir, "metadata.json")):
-        _log(f"1/4 building the shapes dataset ({p['num_train']} scenes x 4 tasks, seed {seed}) in {data_dir}")
+        _log(f"1/5 building the shapes dataset ({p['num_train']} scenes x 4 tasks, seed {seed}) in {data_dir}")
         build_shapes.build(data_dir, size=64, num_train=p["num_train"], num_val=256, num_test=256, seed=seed,
                            num_geneval=p["num_eval"], geneval_fraction=p["geneval_fraction"])
     vae_dir = os.path.join(workdir, "vae")
@@ -128,23 +130,37 @@ def prepare(workdir: str, p: dict, seed: int) -> tuple[str, str, dict]:
     vae_cfg.seed = seed
     config_lib.validate(vae_cfg)
     if not _finished(vae_dir, p["vae_steps"]):
-        _log(f"2/4 training the VAE for {p['vae_steps']} steps -> {vae_dir}")
+        _log(f"2/5 training the VAE for {p['vae_steps']} steps -> {vae_dir}")
         _train(vae_cfg, vae_dir, "VAE")
     with open(os.path.join(vae_dir, "vae_stats.json")) as f:
-        vae_stats = json.load(f)
-    return data_dir, vae_dir, vae_stats
+        stats = {"vae": json.load(f)}
+    if p["siglip_steps"]:
+        # The understanding half reads a SigLIP image tower trained here with the sigmoid image-text loss on the
+        # caption pairs (a random frozen tower leaves captions and answers to guesswork; see the README).
+        sig_dir = os.path.join(workdir, "siglip")
+        sig_cfg = _load_config("siglip_tiny", f"data={data_dir},steps={p['siglip_steps']},batch=128")
+        sig_cfg.seed = seed
+        config_lib.validate(sig_cfg)
+        if not _finished(sig_dir, p["siglip_steps"]):
+            _log(f"3/5 training SigLIP (sigmoid loss, caption pairs) for {p['siglip_steps']} steps -> {sig_dir}")
+            _train(sig_cfg, sig_dir, "SigLIP")
+        with open(os.path.join(sig_dir, "siglip_stats.json")) as f:
+            stats["siglip"] = {k: v for k, v in json.load(f).items() if k != "history"}
+    return data_dir, stats
 
 
-def train_unifluid(run_dir: str, p: dict, seed: int, data_dir: str, vae_dir: str, vae_stats: dict,
-                   extra_arg: str = ""):
+def train_unifluid(run_dir: str, p: dict, seed: int, data_dir: str, stats: dict, extra_arg: str = ""):
     """Stage 3: UniFluid with the preset's recipe (+ `extra_arg`, later keys win); returns its config."""
     from unifluid_jax import config as config_lib
-    arg = (f"data={data_dir},vae={vae_dir},steps={p['steps']},scaling={vae_stats['scaling_factor']},"
-           f"seed={seed},{p['unifluid']}" + (f",{extra_arg}" if extra_arg else ""))
+    prep = os.path.dirname(data_dir)  # where prepare() put the VAE and SigLIP runs
+    siglip = os.path.join(prep, "siglip") if "siglip" in stats else ""
+    arg = (f"data={data_dir},vae={os.path.join(prep, 'vae')},siglip={siglip},steps={p['steps']},"
+           f"scaling={stats['vae']['scaling_factor']},seed={seed},{p['unifluid']}"
+           + (f",{extra_arg}" if extra_arg else ""))
     cfg = _load_config("unifluid_demo", arg)
     config_lib.validate(cfg)
     if not _finished(run_dir, p["steps"]):
-        _log(f"3/4 training UniFluid for {p['steps']} steps (VAE frozen) -> {run_dir}")
+        _log(f"4/5 training UniFluid for {p['steps']} steps (VAE frozen) -> {run_dir}")
         _train(cfg, run_dir, "UniFluid")
     return cfg
 
@@ -159,7 +175,7 @@ def evaluate(eval_dir: str, p: dict, seed: int, cfg, run_dir: str, data_dir: str
     results_path = os.path.join(eval_dir, "eval_results.json")
     if os.path.exists(results_path) and json.load(open(results_path)).get("step") == p["steps"]:
         return json.load(open(results_path))
-    _log(f"4/4 evaluating -> {eval_dir}")
+    _log(f"5/5 evaluating -> {eval_dir}")
     model_cfg = unifluid.config_from_dict(cfg.model)
     params = ckpt_lib.serving_params(ckpt_lib.load_numpy(run_dir))
     n = 6 * p["num_eval"]
@@ -183,13 +199,11 @@ def run(workdir: str, *, preset: str = "short", seed: int = 0, **overrides) -> d
     os.makedirs(workdir, exist_ok=True)
     times: dict[str, float] = {}
     t = time.perf_counter()
-    data_dir, vae_dir, vae_stats = prepare(workdir, p, seed)
-    _log(f"    VAE held-out PSNR {vae_stats['psnr_init']:.2f} dB (init) -> {vae_stats['psnr']:.2f} dB; "
-         f"latent scaling factor {vae_stats['scaling_factor']:.4f}")
-    times["data+vae"] = time.perf_counter() - t
+    data_dir, stats = prepare(workdir, p, seed)
+    times["data+vae+siglip"] = time.perf_counter() - t
     t = time.perf_counter()
     uf_dir = os.path.join(workdir, "unifluid")
-    cfg = train_unifluid(uf_dir, p, seed, data_dir, vae_dir, vae_stats)
+    cfg = train_unifluid(uf_dir, p, seed, data_dir, stats)
     with open(os.path.join(uf_dir, "metrics_summary.json")) as f:
         train_summary = json.load(f)
     times["unifluid"] = time.perf_counter() - t
@@ -198,7 +212,7 @@ def run(workdir: str, *, preset: str = "short", seed: int = 0, **overrides) -> d
     times["eval"] = time.perf_counter() - t
 
     metrics = train_summary.get("metrics", {})
-    summary = {"preset": preset, "seed": seed, "recipe": p, "vae": vae_stats,
+    summary = {"preset": preset, "seed": seed, "recipe": p, **stats,
                "unifluid_train": {k: metrics[k]["mean_last10"] for k in sorted(metrics) if k.startswith("train/")},
                "loss_curve_first_last": [train_summary.get("loss_curve", [])[:1],
                                          train_summary.get("loss_curve", [])[-1:]],
@@ -211,7 +225,12 @@ def run(workdir: str, *, preset: str = "short", seed: int = 0, **overrides) -> d
 
 def _print_summary(s: dict, workdir: str) -> None:
     e = s["eval"]
-    lines = [f"VAE PSNR (held-out): {s['vae']['psnr_init']:.2f} -> {s['vae']['psnr']:.2f} dB",
+    lines = [f"VAE PSNR (held-out): {s['vae']['psnr_init']:.2f} -> {s['vae']['psnr']:.2f} dB"]
+    if "siglip" in s:
+        g = s["siglip"]
+        lines.append(f"SigLIP held-out retrieval top-1: image->text {g['i2t_top1']:.2f}, text->image "
+                     f"{g['t2i_top1']:.2f} [chance {g['chance_top1']:.3f}]")
+    lines += [
              "UniFluid train (mean of last logs): " + ", ".join(
                  f"{k.split('/')[-1]}={v:.4g}" for k, v in s["unifluid_train"].items()
                  if k.split("/")[-1] in ("loss", "visual_loss", "text_loss", "caption_token_acc", "vqa_token_acc"))]
@@ -245,6 +264,7 @@ def main(argv):
     logging.getLogger("unifluid_jax").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Matrix is singular")  # FD on a handful of quick-run samples
     run(FLAGS.workdir, preset="quick" if FLAGS.quick else FLAGS.preset, seed=FLAGS.seed)
 
 
