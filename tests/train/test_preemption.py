@@ -68,3 +68,17 @@ def test_sigterm_during_startup_exits_zero(tmp_path):
     assert rc == 0, out[-3000:]
     assert "preemption signal before step 6: nothing needed saving (step 5 is saved)" in out
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["5"]
+
+
+def test_sigterm_flag_is_consumed_by_the_run_that_saw_it():
+    import os
+
+    from unifluid_jax.train import signals
+    from unifluid_jax.train import trainer as trainer_lib
+    p = trainer_lib.Preemption()
+    assert not p.reached(0)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)  # the Python-level handler runs on the main thread's next bytecode
+    assert p.reached(0)
+    p.restore()  # the run ended: a later in-process run (tests, notebooks) starts unpreempted
+    assert not signals.sigterm_seen() and signal.getsignal(signal.SIGTERM) is not signals._on_sigterm

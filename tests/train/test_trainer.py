@@ -1,5 +1,7 @@
 """In-process trainer tests on the 8 fake CPU devices: sharding parity, accumulation, freezing, EMA, NaN guard."""
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -37,6 +39,39 @@ def test_mesh_2x2x2_matches_one_device(tmp_path):
     assert len(l8) == 5
     np.testing.assert_allclose(l8, l1, rtol=1e-5)
     assert l8[-1] < l8[0]
+
+
+def test_grad_accumulation_averages_micro_batch_gradients():
+    """The accumulated gradient is the mean of per-micro-batch gradients (micro-batch i = rows i, i+A, ...).
+    The loss here is nonlinear in the batch mean, so that mean differs from the full-batch gradient: a trainer
+    that ignored grad_accum_steps would fail, and the loss must be traced on micro-batches of B/A rows."""
+    accum = 4
+    cfg = linear_config(num_steps=1)
+    cfg.optimizer.grad_accum_steps = accum
+    cfg.mesh = dict(data=2, fsdp=4, tensor=1)
+    t = trainer_lib.Trainer(cfg, "/nonexistent")
+    traced_rows = []
+
+    def loss_fn(params, batch, rng, step):  # (mean error)^2: per-micro-batch means do not average to it
+        traced_rows.append(batch["x"].shape[0])
+        err = t.task.net.apply({"params": params}, batch["x"]) - batch["y"]
+        loss = jnp.mean(err) ** 2
+        return loss, {"mse": loss}
+
+    t.task.loss_fn = loss_fn
+    batch = next(iter(t.task.make_input(cfg, 0, 1)))
+    params = jax.device_get(nn.meta.unbox(t.task.init_params(jax.random.PRNGKey(0))))
+    with t.context():
+        _, _, grads = jax.jit(t._loss_and_grads)(params, batch, jax.random.PRNGKey(1), jnp.int32(0))
+    assert traced_rows and set(traced_rows) == {cfg.train.batch_size // accum}  # the micro-batch path ran
+
+    grad = jax.grad(lambda p, b: loss_fn(p, b, None, 0)[0])
+    micro = [jax.tree.map(lambda x: x[i::accum], batch) for i in range(accum)]
+    want = jax.tree.map(lambda *g: sum(g) / accum, *[grad(params, m) for m in micro])
+    full = grad(params, batch)
+    for k in want:
+        np.testing.assert_allclose(grads[k], want[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    assert not np.allclose(full["dense/w"], want["dense/w"], rtol=1e-3)  # the check can tell them apart
 
 
 def test_grad_accumulation_is_exact(tmp_path):

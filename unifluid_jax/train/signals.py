@@ -24,3 +24,9 @@ def catch_sigterm():
 
 def sigterm_seen() -> bool:
     return _seen
+
+
+def clear() -> None:
+    """The run that saw the signal has handled it (a later in-process run starts unpreempted)."""
+    global _seen
+    _seen = False

@@ -116,8 +116,10 @@ class Preemption:
         return signals.sigterm_seen()
 
     def restore(self):
-        if not self.multi and self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        if not self.multi:
+            signals.clear()
+            if self._old is not None:
+                signal.signal(signal.SIGTERM, self._old)
 
 
 # ---------------------------------------------------------------------------------------------------------
