@@ -55,7 +55,8 @@ def config_diff(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
 def check_config(saved: dict, config, step: int, where: str) -> None:
     """Raises one ConfigError for every change that resuming step `step` would silently apply."""
     allowed = tuple(config.checkpoint.get("allow_changed", ()))
-    diff = [d for d in config_diff(saved, config.to_dict()) if not _under(d[0], FREE)]
+    full = config_diff(saved, config.to_dict())
+    diff = [d for d in full if not _under(d[0], FREE)]
     refused = [d for d in diff if _under(d[0], REFUSED)]
     if refused:
         lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused)
@@ -73,7 +74,7 @@ def check_config(saved: dict, config, step: int, where: str) -> None:
     if diff:
         log.warning("resuming step %d with config changes allowed by checkpoint.allow_changed: %s", step,
                     "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff))
-    steps_changed = [d for d in config_diff(saved, config.to_dict()) if d[0] == "train.num_steps"]
+    steps_changed = [d for d in full if d[0] == "train.num_steps"]
     if steps_changed and config.optimizer.schedule != "constant":
         log.warning("train.num_steps %r -> %r: the %s learning-rate schedule is stretched to the new total",
                     steps_changed[0][1], steps_changed[0][2], config.optimizer.schedule)
