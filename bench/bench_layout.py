@@ -82,11 +82,70 @@ def step_flops(cfg, spec, out) -> dict[str, float]:
     return {k: v / examples for k, v in f.items()}, examples
 
 
+def throughput(pairs: int, rows: int, seed: int = 0):
+    """Training examples / s of the demo model (configs/unifluid_demo.py sizes), fixed vs packed rows of the
+    same shape, interleaved A B A B; prints each pair and the median of the per-pair ratios."""
+    import time
+
+    import jax
+    import optax
+
+    cfg = unifluid.config_from_dict(presets.unifluid_model("demo"))
+    dims = cfg.dims
+    rng = np.random.default_rng(seed)
+    exs = sample_examples(rows * 8, cfg.max_text_len, seed)
+    for ex in exs:  # demo images: 64 px gen, 32 px und
+        if int(ex["task"]) == layout.T2I:
+            ex["image_gen"] = rng.uniform(-1, 1, (64, 64, 3)).astype(np.float32)
+        else:
+            ex["image_und"] = rng.uniform(-1, 1, (32, 32, 3)).astype(np.float32)
+    images = {"image_gen": ((64, 64, 3), np.float32), "image_und": ((32, 32, 3), np.float32)}
+    batches = {}
+    for name, spec in (("fixed", layout.fixed_spec(dims)), ("packed", layout.packed_spec(dims))):
+        it = iter(packing.RowBatching(grain.MapDataset.source(exs).to_iter_dataset(), rows, spec, dims, images,
+                                      packed=name == "packed", num_reasons=1, max_consecutive_skips=10**9))
+        b = next(it)
+        b.pop("num_skipped")
+        batches[name] = b
+    model = unifluid.UniFluid(cfg)
+    params = jax.jit(lambda r: model.init(r, batches["fixed"], method=unifluid.UniFluid.init_all))(
+        jax.random.PRNGKey(0))
+    opt = optax.adam(1e-3)
+
+    @jax.jit
+    def step(params, state, batch, rng):
+        (loss, _), g = jax.value_and_grad(lambda p: model.apply(p, batch, rng, 0, 100, method=model.loss),
+                                          has_aux=True)(params)
+        updates, state = opt.update(g, state)
+        return optax.apply_updates(params, updates), state, loss
+
+    state = opt.init(params)
+    n_ex = {k: int(b["task_count"].sum()) for k, b in batches.items()}
+    for k, b in batches.items():  # compile + warm up
+        jax.block_until_ready(step(params, state, b, jax.random.PRNGKey(0)))
+        print(f"{k}: {rows} rows x {b['tokens'].shape[1]} slots, {n_ex[k]} examples/step, "
+              f"valid {layout.valid_fraction(b):.1%}")
+    ratios = []
+    for i in range(pairs):
+        rate = {}
+        for k in ("fixed", "packed"):
+            t0 = time.perf_counter()
+            jax.block_until_ready(step(params, state, batches[k], jax.random.PRNGKey(i)))
+            rate[k] = n_ex[k] / (time.perf_counter() - t0)
+        ratios.append(rate["packed"] / rate["fixed"])
+        print(f"pair {i}: fixed {rate['fixed']:.1f} ex/s, packed {rate['packed']:.1f} ex/s, ratio {ratios[-1]:.2f}")
+    print(f"median packed / fixed examples per second: {np.median(ratios):.2f}x over {pairs} pairs")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=16, help="rows per batch")
     ap.add_argument("--batches", type=int, default=40)
+    ap.add_argument("--throughput", type=int, default=0, metavar="PAIRS",
+                    help="instead: demo-model training examples/s, fixed vs packed, PAIRS interleaved pairs")
     args = ap.parse_args(argv)
+    if args.throughput:
+        return throughput(args.throughput, args.rows)
     for size in ("0p7b", "2b"):
         m = presets.unifluid_model(size)
         m.vae.image_size = 256
@@ -99,11 +158,9 @@ def main(argv=None):
         print(f"{'layout':<34}{'valid':>7}{'ex/row':>8}{'total':>10}{'llm':>9}{'attn dense':>11}"
               f"{'attn seg':>10}{'logits':>8}{'siglip':>8}{'vae':>8}{'head':>8}")
         variants = [("fixed", layout.fixed_spec(dims), False)]
-        for s in (dims.fixed_len, 1024, 2048, 4096):
-            variants.append((f"packed S={s} (derived U/G/T)", layout.packed_spec(dims, s), True))
-            tight = max(2, int(np.ceil(1.25 * s / (2 * 275))))  # ~ the mix's mean per row, + 25%
-            variants.append((f"packed S={s} U=G={tight}", layout.packed_spec(
-                dims, s, tight, tight, tight * 24), True))
+        for s in (dims.fixed_len, 560, 1120, 2240):
+            spec = layout.packed_spec(dims, s)
+            variants.append((f"packed S={s} U=G={spec.gen} T={spec.targets}", spec, True))
         base = None
         for name, spec, packed in variants:
             try:

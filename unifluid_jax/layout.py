@@ -185,11 +185,13 @@ def fixed_spec(dims: Dims, *, und: bool = True, src: bool = True, gen: bool = Tr
 
 
 def packed_spec(dims: Dims, slots: int = 0, und: int = 0, gen: int = 0, targets: int = 0) -> RowSpec:
-    """The packed layout's row; 0 = derived: S = the fixed row length, U / G = the most und / gen examples
-    that fit (with a 2-token text), T = U * (L - 1)."""
+    """The packed layout's row; 0 = derived: S = the fixed row length; U = G = 1.2x the und (gen) examples of
+    a row half und / half gen (SigLIP, the VAE and the head run on every entry, empty ones too; an example
+    beyond them waits for the next batch); T = U * (L - 1)."""
     s = slots or dims.fixed_len
-    u = und or (s // (dims.n_und + 2) if dims.n_und else 0)
-    g = gen or s // (dims.n_img + 3)
+    cap = max(1, int(np.ceil(1.2 * s / (dims.n_und + dims.n_img + 2))))
+    u = und or (cap if dims.n_und else 0)
+    g = gen or cap
     t = targets or max(u, 1) * (dims.max_text_len - 1)
     return RowSpec(slots=s, und=u, gen=g, targets=t)
 

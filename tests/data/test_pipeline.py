@@ -75,8 +75,11 @@ def test_batch_fields_and_masks(shapes_dir):
                 if t == L.EDIT:
                     assert tok.decode(toks) in instr
                     assert not np.array_equal(batch["image_gen"][i], batch["image_src"][i])
-        ims, ars = L.sequence_masks(batch["task"], batch["text_input_mask"], batch["text_mask_ar"], 4, 0, 4)
-        assert ims.shape == (8, 4 + 48 + 5)
+        dims = L.Dims(n_und=4, n_src=4, n_img=4, max_text_len=48)
+        rows, _ = L.layout_examples([{k: v[i] for k, v in batch.items()} for i in range(8)], L.fixed_spec(dims),
+                                    dims, layout="fixed")
+        assert rows["tokens"].shape == (8, 4 + 4 + 48 + 5)
+        np.testing.assert_array_equal(rows["task_count"].argmax(1), batch["task"])
     assert seen == {0, 1, 2, 3}
 
 
