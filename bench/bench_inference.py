@@ -110,9 +110,8 @@ def main():
     print(f"devices {jax.devices()}; config: {args.model}, {cfg.llm.num_layers} layers (D={cfg.width}), head depth "
           f"{cfg.diffusion.depth} width {cfg.diffusion.width}, n_img={cfg.n_img}, n_und={cfg.n_und}, "
           f"L={cfg.max_text_len}, S={cfg.seq_len}, {args.steps} diffusion steps, cfg {args.cfg} (2B rows)")
-    b0 = G.prompt_batch(cfg, [[5, 6, 7]])
-    b0["image_und"] = np.zeros((1, 32, 32, 3), np.float32)
-    b0["image_gen"] = np.zeros((1, 256, 256, 3), np.float32)
+    from unifluid_jax.tasks.unifluid import example_batch
+    b0 = example_batch(cfg)  # one fixed-layout row (unifluid_jax/layout.py) touching every param
     t0 = time.perf_counter()
     params = nn.unbox(jax.jit(functools.partial(model.init, method=unifluid.UniFluid.init_all))(
         jax.random.PRNGKey(0), b0))
