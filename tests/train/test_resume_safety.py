@@ -170,16 +170,16 @@ def test_every_step_damaged_starts_over_and_keeps_them(trained, tmp_path, caplog
 
 
 @pytest.mark.slow
-def test_damaged_newest_resumes_exactly_end_to_end(trained, tmp_path):
+def test_damaged_newest_resumes_exactly_end_to_end(tmp_path):
     """The CLI: the truncated step 10 is moved aside, the run resumes from 5 and redoes 6-10 on the same data."""
     args = ("--config.checkpoint.every_steps=5", "--config.train.log_every=5",
             "--config.debug.log_batch_fingerprints=True")
     straight = tmp_path / "straight"
-    assert runner.run_main("configs/lm_tiny.py:steps=12", straight, *args, devices=8).returncode == 0
+    assert runner.run_main("configs/lm_tiny.py:steps=12", straight, *args, devices=8, timeout=900).returncode == 0
     d = tmp_path / "damaged"
-    assert runner.run_main("configs/lm_tiny.py:steps=10", d, *args, devices=8).returncode == 0
+    assert runner.run_main("configs/lm_tiny.py:steps=10", d, *args, devices=8, timeout=900).returncode == 0
     DAMAGE["array files truncated"](d / "checkpoints" / "10")
-    r = runner.run_main("configs/lm_tiny.py:steps=12", d, *args, devices=8)
+    r = runner.run_main("configs/lm_tiny.py:steps=12", d, *args, devices=8, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("checkpoint step 10 is damaged") == 1 and "resumed from step 5" in r.stderr
     assert "Traceback" not in r.stderr
