@@ -21,12 +21,16 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	# libtpu (the version jax pins) OFF the import path: tools/aot.py compiles for TPU topologies with it,
 	# while ordinary jax processes never load it.
 	$(PY) -m pip install -q --no-deps --target $(VENV)/libtpu-aot 'libtpu==0.0.42.1'
+	# FID references for the Inception / FID parity tests (tests/evals/fid_refs.py): pytorch-fid and clean-fid
+	# without deps, torchvision OFF the import path (its PyPI wheel is a CUDA build that breaks transformers).
+	$(PY) -m pip install -q --no-deps pytorch-fid==0.3.0 clean-fid==0.1.35
+	$(PY) -m pip install -q --no-deps --target $(VENV)/fid_refs torchvision==0.28.0
 	touch $@
 
 demo: $(VENV)/.installed
 	$(PY) -m unifluid_jax.tools.demo --workdir=$(WORKDIR)
 
-# The same stages with the longer recipe (reaches the issue's targets; see README).
+# The same stages with the recipe run 6000 steps (not yet verified to reach the targets; see README).
 demo-long: $(VENV)/.installed
 	$(PY) -m unifluid_jax.tools.demo --workdir=workdir/demo-long --preset=long
 

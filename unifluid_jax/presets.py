@@ -81,4 +81,7 @@ def unifluid_config(size: str, dataset_dir: str, *, gen_size: int, und_size: int
                    method="greedy", beam_size=1)
     # --mode=export (unifluid_jax/convert/unifluid.py): DIR for transformers / diffusers / the PyTorch port.
     c.export = dict(out="", overwrite=False)
+    # --mode=fid_eval (evals/coco.py): Inception weights file, reference stats (.npz or image folder), resize mode
+    # ('clean' | 'pytorch_fid'), optional CLIP checkpoint folder.
+    c.fid_eval = dict(inception="", ref_stats="", mode="clean", clip="", splits=10, inception_size=299)
     return c

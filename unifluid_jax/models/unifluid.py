@@ -235,7 +235,7 @@ class UniFluid(nn.Module):
             rows = jnp.take_along_axis(table, jnp.clip(index, 0, table.shape[1] - 1)[..., None], axis=1)
             return jnp.where((kind == k)[..., None], rows.astype(dt), x)
 
-        if c.n_und:
+        if c.n_und and "image_und" in batch:  # rows without und images (t2i prompts) have no und slots
             und = batch["image_und"]
             u = und.shape[1]
             x = take(self.und_embeddings(und.reshape((b * u,) + und.shape[2:])).reshape(b, u * c.n_und, -1),
