@@ -18,6 +18,7 @@ straight into the run's shardings: each device receives only its own shard (`mak
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 
@@ -142,8 +143,11 @@ def init_subtrees(state, abstract_state, config) -> None:
             loaded, what = _get(loaded, src), f"step {step}"
         else:
             what = f"{fmt} checkpoint"
-            loaded = place(convert(fmt, sub["dst"], path, config.model), target,
-                           f"checkpoint.init_subtrees ({fmt} {path} -> {sub['dst']})")
+            # The converters trace abstract modules; run them on a plain host thread, outside the trainer's
+            # mesh / logical-rules context (both thread-local), where unboxing would add sharding constraints.
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                host = pool.submit(convert, fmt, sub["dst"], path, config.model).result()
+            loaded = place(host, target, f"checkpoint.init_subtrees ({fmt} {path} -> {sub['dst']})")
         _get(state["params"], dst[:-1])[dst[-1]] = loaded
         if "ema_params" in state:
             _get(state["ema_params"], dst[:-1])[dst[-1]] = jax.tree.map(jax.numpy.copy, loaded)
