@@ -7,6 +7,9 @@ import pytest
 
 from unifluid_jax.train import watchdog
 
+# The fake os._exit ends the watchdog thread with SystemExit, which pytest reports as a thread exception.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+
 
 class FakeStore:
     def __init__(self):
