@@ -91,7 +91,7 @@ def _free_port() -> int:
 
 def _start(shapes_dir, root, run, out, devices, log, **env):
     return runner.start_main(f"{CONFIG}:data={shapes_dir},steps=2,batch=8", run, *_overrides(root, out),
-                             "--config.mesh.data=-1", devices=devices, log=log, **env)
+                             "--config.mesh.data=-1", "--config.mesh.fsdp=1", devices=devices, log=log, **env)
 
 
 def _wait(procs, logs, timeout=900):
