@@ -100,7 +100,7 @@ def test_folders_load_with_from_pretrained_offline(shapes_dir, exported):
     for part in ("lm", "vis", "vae"):
         assert all(v == [] for v in res[part].values()), (part, res[part])
     assert res["tied"]
-    assert res["scaling"] == _config(shapes_dir).model.vae.scaling_factor
+    assert res["scaling"] == pytest.approx(unifluid.config_from_dict(_config(shapes_dir).model).vae.scaling_factor)
 
 
 def test_bad_input(shapes_dir, run_dir, exported, tmp_path):

@@ -91,7 +91,7 @@ def test_bad_inputs_name_the_item(shapes_dir, run_dir, tmp_path):
     bad = tmp_path / "q.jsonl"
     (tmp_path / "broken.png").write_bytes(b"not an image")
     bad.write_text(json.dumps({"image": "broken.png", "question": "how many?"}) + "\n")
-    with pytest.raises(ConfigError, match="broken.png.*cannot be read"):
+    with pytest.raises(ConfigError, match="broken.png.*not an image"):
         main.run(_config(shapes_dir, questions=str(bad)), run_dir, "vqa")
     ok = tmp_path / "ok.txt"
     ok.write_text("a red circle\n")

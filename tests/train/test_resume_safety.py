@@ -185,9 +185,12 @@ def test_damaged_newest_resumes_exactly_end_to_end(tmp_path):
     assert r.stderr.count("checkpoint step 10 is damaged") == 1 and "resumed from step 5" in r.stderr
     # Known leftover (reported): orbax/tensorstore print asyncio "Event loop is closed" tracebacks from their
     # own threads after reading the damaged metadata; no other traceback may appear.
-    rest = re.sub(r"Traceback \(most recent call last\):\n(?:  .*\n)+RuntimeError: Event loop is closed\n", "",
-                  r.stderr)
-    assert "Traceback" not in rest, rest[-3000:]
+    # Their threads interleave those tracebacks line by line, so count instead of parsing: the only exception
+    # named is RuntimeError, and each mention of it belongs to an "Event loop is closed".
+    others = "\n".join(line for line in r.stderr.splitlines() if "is damaged" not in line)  # our one warning
+    names = set(re.findall(r"\b(\w*(?:Error|Exception))\b", others)) - {"RuntimeError", "Exception"}
+    assert not names, (names, r.stderr[-3000:])
+    assert r.stderr.count("RuntimeError") <= r.stderr.count("Event loop is closed"), r.stderr[-3000:]
     assert runner.fingerprints(d) == runner.fingerprints(straight)  # also asserts redone steps match
     a, b = ckpt_lib.load_numpy(straight, 12), ckpt_lib.load_numpy(d, 12)
     np.testing.assert_array_equal(a["params"]["final_norm"]["scale"], b["params"]["final_norm"]["scale"])
