@@ -74,3 +74,37 @@ def test_peer_that_finished_is_not_lost(exits):
     w.done()
     assert exits == []
     assert store.kv["unifluid_hb/0"] == "done"
+
+
+def test_failed_collective_waits_for_the_verdict(exits, monkeypatch):
+    """The run's collective fails before the timeout (gloo: connection reset): explain_failure holds the
+    exception until the watchdog has named the dead peer, instead of exiting through jax's shutdown barrier."""
+    store = FakeStore()
+    store.key_value_set("unifluid_hb/1", "7")  # the peer beat once, then died
+    w = watchdog.Watchdog(store, 0, 2, timeout_s=0.4)
+    monkeypatch.setattr(watchdog, "_active", w.start())
+    t0 = time.monotonic()
+    watchdog.explain_failure()
+    assert exits == [watchdog.EXIT_LOST_PEER]
+    assert time.monotonic() - t0 >= 0.4 - 0.1
+
+
+def test_failure_with_live_peers_propagates_after_the_timeout(exits, monkeypatch):
+    store, stop = FakeStore(), threading.Event()
+    peer = threading.Thread(target=_peer, args=(store, 1, stop))
+    peer.start()
+    w = watchdog.Watchdog(store, 0, 2, timeout_s=0.3)
+    monkeypatch.setattr(watchdog, "_active", w.start())
+    try:
+        watchdog.explain_failure()  # returns: nobody is lost, the caller re-raises its own exception
+    finally:
+        stop.set()
+        w.done()
+    assert exits == []
+
+
+def test_explain_failure_is_a_no_op_without_a_watchdog(monkeypatch):
+    monkeypatch.setattr(watchdog, "_active", None)
+    t0 = time.monotonic()
+    watchdog.explain_failure()
+    assert time.monotonic() - t0 < 0.1

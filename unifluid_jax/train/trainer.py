@@ -312,7 +312,11 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.config
         with self.context():
-            return self._run(cfg)
+            try:
+                return self._run(cfg)
+            except Exception:
+                watchdog.explain_failure()  # a dead peer is the likely cause: exits naming it if so
+                raise
 
     def _run(self, cfg) -> dict:
         ckpt = ckpt_lib.Checkpointer(self.workdir, cfg.checkpoint, cfg.debug)

@@ -5,7 +5,10 @@ Every process beats a counter into the coordination service's key-value store (`
 daemon thread and watches the others' counters; a counter that stops moving for the timeout (measured on the
 watcher's own clock) means that process is gone. A process that ends normally writes `done` first. The
 watcher exits the process with EXIT_LOST_PEER via os._exit: the main thread may be blocked inside a
-collective that will never complete. Checkpoints already written stay valid (a half-written one is ignored).
+collective that will never complete. When the collective fails first instead (gloo: "connection reset by peer"),
+the trainer hands the exception to `explain_failure`, which waits for the verdict before letting it propagate:
+otherwise the exit path would hang in jax's shutdown barrier and abort with a C++ stack. Checkpoints already
+written stay valid (a half-written one is ignored).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import time
 
 EXIT_LOST_PEER = 4
 _PREFIX = "unifluid_hb/"
+_active: "Watchdog | None" = None
 
 
 class Watchdog:
@@ -41,6 +45,12 @@ class Watchdog:
             self.client.key_value_set(f"{_PREFIX}{self.me}", "done", allow_overwrite=True)
         except Exception:  # noqa: BLE001 (the service may already be gone at exit)
             pass
+
+    def wait_for_verdict(self):
+        """Blocks until a lost peer would have been detected (then the watcher exits the process)."""
+        deadline = time.monotonic() + self.timeout + 3 * self.interval
+        while time.monotonic() < deadline and self._thread.is_alive() and not self._stop.is_set():
+            time.sleep(self.interval)
 
     def _beat(self, count: int):
         self.client.key_value_set(f"{_PREFIX}{self.me}", str(count), allow_overwrite=True)
@@ -86,4 +96,13 @@ def start(section) -> Watchdog | None:
     timeout = float(section.get("heartbeat_timeout_s", 0) or 0)
     if jax.process_count() == 1 or timeout <= 0 or distributed.global_state.client is None:
         return None
-    return Watchdog(distributed.global_state.client, jax.process_index(), jax.process_count(), timeout).start()
+    global _active
+    _active = Watchdog(distributed.global_state.client, jax.process_index(), jax.process_count(), timeout).start()
+    return _active
+
+
+def explain_failure():
+    """Called with the run's exception in flight: a failed collective usually means a peer died, so let the
+    watchdog name it (exit EXIT_LOST_PEER) before the exception propagates. No-op in single-process runs."""
+    if _active is not None:
+        _active.wait_for_verdict()
