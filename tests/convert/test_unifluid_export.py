@@ -32,7 +32,7 @@ def _config(shapes_dir, **export):
 @pytest.fixture(scope="module")
 def run_dir(shapes_dir, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
-    trainer.Trainer(_config(shapes_dir), workdir).run()
+    trainer.Trainer(_config(shapes_dir), workdir, devices=jax.devices()[:1]).run()  # not a sharding test
     return workdir
 
 

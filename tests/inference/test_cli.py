@@ -2,6 +2,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.xdist_group("inference_cli")
 def run_dir(shapes_dir, tmp_path_factory):
     cfg = _config(shapes_dir)
     workdir = str(tmp_path_factory.mktemp("run"))
-    trainer.Trainer(cfg, workdir).run()
+    trainer.Trainer(cfg, workdir, devices=jax.devices()[:1]).run()  # not a sharding test
     return workdir
 
 

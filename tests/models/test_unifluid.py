@@ -21,7 +21,8 @@ U = unifluid.UniFluid
 
 
 def _init(cfg, batch, seed=0):
-    return nn.unbox(U(cfg).init(jax.random.PRNGKey(seed), batch, method=U.init_all))
+    init = sharding.jit_once(lambda r: U(cfg).init(r, batch, method=U.init_all))  # eager init: ~40 s
+    return nn.unbox(init(jax.random.PRNGKey(seed)))
 
 
 @pytest.fixture(scope="session")  # session, not module: slow-first ordering may split the module
@@ -110,7 +111,7 @@ def test_train_step_sharded_matches_single_device(mesh1, mesh8):
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
             abstract = jax.eval_shape(lambda r: model.init(r, batch, method=U.init_all), jax.random.PRNGKey(0))
             shardings = sharding.param_shardings(mesh, abstract)
-            params = jax.jit(lambda r: model.init(r, batch, method=U.init_all), out_shardings=shardings)(
+            params = sharding.jit_once(lambda r: model.init(r, batch, method=U.init_all), out_shardings=shardings)(
                 jax.random.PRNGKey(0))
             b = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
             step = jax.jit(jax.value_and_grad(

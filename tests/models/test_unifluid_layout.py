@@ -8,6 +8,7 @@ import pytest
 
 from unifluid_jax import layout
 from unifluid_jax.models import unifluid
+from unifluid_jax.train import sharding
 
 from tests.models.unifluid_fixtures import examples, make_batch, tiny_config
 
@@ -35,7 +36,7 @@ def case():
     spec = layout.packed_spec(cfg.dims, slots=96)
     packed, where_p = layout.layout_examples(exs, spec, cfg.dims, layout="packed", uids=UIDS)
     assert len(packed["tokens"]) < len(exs) and max(s for _, s in where_p) >= 3  # several examples per row
-    params = nn.unbox(U(cfg).init(jax.random.PRNGKey(0), fixed, method=U.init_all))
+    params = nn.unbox(sharding.jit_once(lambda r: U(cfg).init(r, fixed, method=U.init_all))(jax.random.PRNGKey(0)))
 
     def run(p, b):
         def f(p):

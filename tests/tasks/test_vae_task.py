@@ -2,6 +2,7 @@
 import json
 import os
 
+import jax
 import pytest
 
 from tests.train import runner
@@ -12,7 +13,7 @@ from unifluid_jax.train import trainer
 def test_vae_training_improves_psnr(shapes_dir, tmp_path):
     cfg = runner.load_config("configs/vae_tiny.py", f"data={shapes_dir},steps=80,batch=8")
     cfg.mesh = dict(data=-1, fsdp=1, tensor=1)
-    summary = trainer.Trainer(cfg, str(tmp_path)).run()
+    summary = trainer.Trainer(cfg, str(tmp_path), devices=jax.devices()[:1]).run()  # not a sharding test
     stats = json.load(open(os.path.join(tmp_path, "vae_stats.json")))
     print("VAE held-out PSNR: init %.2f dB -> %.2f dB after %d steps; scaling factor %.4f" % (
         stats["psnr_init"], stats["psnr"], stats["step"], stats["scaling_factor"]))

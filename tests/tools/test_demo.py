@@ -3,6 +3,7 @@ baselines, a re-run resumes."""
 import json
 import os
 
+import jax
 import pytest
 
 from unifluid_jax.tools import demo
@@ -11,7 +12,7 @@ from unifluid_jax.tools import demo
 @pytest.mark.slow
 def test_quick_demo_runs_and_resumes(tmp_path, capsys):
     workdir = str(tmp_path / "demo")
-    s = demo.run(workdir, preset="quick")
+    s = demo.run(workdir, preset="quick", devices=jax.devices()[:1])  # one device: not a sharding test
     assert s["vae"]["step"] == demo.PRESETS["quick"]["vae_steps"] and s["vae"]["psnr"] > s["vae"]["psnr_init"]
     assert {"loss", "visual_loss", "text_loss"} <= {k.split("/")[-1] for k in s["unifluid_train"]}
     e = s["eval"]
@@ -28,6 +29,6 @@ def test_quick_demo_runs_and_resumes(tmp_path, capsys):
     assert out.count("    VAE: step ") == 1 and out.count("    UniFluid: step ") == 1
     assert out.count("    SigLIP: step ") == 1 and "SigLIP held-out retrieval" in out
     assert s["siglip"]["step"] == demo.PRESETS["quick"]["siglip_steps"]
-    again = demo.run(workdir, preset="quick")  # resumes: nothing retrained
+    again = demo.run(workdir, preset="quick", devices=jax.devices()[:1])  # resumes: nothing retrained
     assert "training" not in capsys.readouterr().out
     assert again["eval"] == json.load(open(os.path.join(workdir, "eval", "eval_results.json")))

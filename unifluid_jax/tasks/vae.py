@@ -22,6 +22,7 @@ from unifluid_jax.config import check
 from unifluid_jax.data import pipeline
 from unifluid_jax.models import vae as vae_lib
 from unifluid_jax.tasks.inputs import SkipCounter
+from unifluid_jax.train import sharding
 from unifluid_jax.train import task as task_lib
 
 
@@ -108,7 +109,7 @@ class VAETask(task_lib.Task):
         out = self.evaluate(params, images)
         if self._psnr_init is None:  # the untrained baseline: init (compiles the VAE init) only once per run
             init_rng = jax.random.split(jax.random.PRNGKey(int(self.config.seed)))[0]  # the trainer's init key
-            self._psnr_init = self.evaluate(jax.jit(self.init_params)(init_rng), images)["psnr"]
+            self._psnr_init = self.evaluate(sharding.jit_once(self.init_params)(init_rng), images)["psnr"]
         out["psnr_init"] = self._psnr_init
         out["step"] = int(step)
         writer.scalars(step, {f"eval/vae_{k}": v for k, v in out.items() if k != "step"})

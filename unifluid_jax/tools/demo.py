@@ -93,7 +93,7 @@ class _ProgressLine(logging.Handler):
         super().close()
 
 
-def _train(cfg, run_dir: str, stage: str):
+def _train(cfg, run_dir: str, stage: str, devices=None):
     from unifluid_jax.train import trainer
     handler = _ProgressLine(stage)
     logger = logging.getLogger("unifluid_jax.train.metrics")
@@ -101,7 +101,7 @@ def _train(cfg, run_dir: str, stage: str):
     logger.addHandler(handler)
     logger.propagate = False  # the stage's line replaces the per-step log lines
     try:
-        trainer.Trainer(cfg, run_dir).run()
+        trainer.Trainer(cfg, run_dir, devices=devices).run()
     finally:
         logger.removeHandler(handler)
         logger.propagate = True
@@ -115,42 +115,43 @@ def _finished(run_dir: str, steps: int) -> bool:
             and os.path.exists(os.path.join(run_dir, "metrics_summary.json")))
 
 
-def prepare(workdir: str, p: dict, seed: int) -> tuple[str, dict]:
+def _stage(label: str, title: str, run_dir: str, config: str, arg: str, seed: int, steps: int,
+           devices=None) -> dict:
+    """One encoder stage (configs/CONFIG.py:ARG, trained unless finished); returns its stats file."""
+    from unifluid_jax import config as config_lib
+    cfg = _load_config(config, f"{arg},steps={steps}")
+    cfg.seed = seed
+    config_lib.validate(cfg)
+    if not _finished(run_dir, steps):
+        _log(f"{title} for {steps} steps -> {run_dir}")
+        _train(cfg, run_dir, label, devices)
+    with open(os.path.join(run_dir, f"{cfg.task}_stats.json")) as f:
+        return {k: v for k, v in json.load(f).items() if k != "history"}
+
+
+def prepare(workdir: str, p: dict, seed: int, devices=None) -> tuple[str, dict]:
     """Stages 1-3 (dataset, VAE, SigLIP) in `workdir`; returns (data_dir, stats): stats['vae'] and, when the
     preset trains one, stats['siglip'] (the runs are WORKDIR/vae and WORKDIR/siglip)."""
-    from unifluid_jax import config as config_lib
     from unifluid_jax.tools import build_shapes
     data_dir = os.path.join(workdir, "shapes")
     if not os.path.exists(os.path.join(data_dir, "metadata.json")):
         _log(f"1/5 building the shapes dataset ({p['num_train']} scenes x 4 tasks, seed {seed}) in {data_dir}")
         build_shapes.build(data_dir, size=64, num_train=p["num_train"], num_val=256, num_test=256, seed=seed,
                            num_geneval=p["num_eval"], geneval_fraction=p["geneval_fraction"])
-    vae_dir = os.path.join(workdir, "vae")
-    vae_cfg = _load_config("vae_tiny", f"data={data_dir},steps={p['vae_steps']}")
-    vae_cfg.seed = seed
-    config_lib.validate(vae_cfg)
-    if not _finished(vae_dir, p["vae_steps"]):
-        _log(f"2/5 training the VAE for {p['vae_steps']} steps -> {vae_dir}")
-        _train(vae_cfg, vae_dir, "VAE")
-    with open(os.path.join(vae_dir, "vae_stats.json")) as f:
-        stats = {"vae": json.load(f)}
+    stats = {"vae": _stage("VAE", "2/5 training the VAE", os.path.join(workdir, "vae"), "vae_tiny",
+                           f"data={data_dir}", seed, p["vae_steps"], devices)}
     if p["siglip_steps"]:
         # The understanding half reads a SigLIP image tower trained here with the sigmoid image-text loss on the
         # caption pairs (a random frozen tower leaves captions and answers to guesswork; see the README).
-        sig_dir = os.path.join(workdir, "siglip")
-        sig_cfg = _load_config("siglip_tiny", f"data={data_dir},steps={p['siglip_steps']},batch=128")
-        sig_cfg.seed = seed
-        config_lib.validate(sig_cfg)
-        if not _finished(sig_dir, p["siglip_steps"]):
-            _log(f"3/5 training SigLIP (sigmoid loss, caption pairs) for {p['siglip_steps']} steps -> {sig_dir}")
-            _train(sig_cfg, sig_dir, "SigLIP")
-        with open(os.path.join(sig_dir, "siglip_stats.json")) as f:
-            stats["siglip"] = {k: v for k, v in json.load(f).items() if k != "history"}
+        stats["siglip"] = _stage("SigLIP", "3/5 training SigLIP (sigmoid loss, caption pairs)",
+                                 os.path.join(workdir, "siglip"), "siglip_tiny", f"data={data_dir},batch=128", seed,
+                                 p["siglip_steps"], devices)
     return data_dir, stats
 
 
-def train_unifluid(run_dir: str, p: dict, seed: int, data_dir: str, stats: dict, extra_arg: str = ""):
-    """Stage 3: UniFluid with the preset's recipe (+ `extra_arg`, later keys win); returns its config."""
+def train_unifluid(run_dir: str, p: dict, seed: int, data_dir: str, stats: dict, extra_arg: str = "",
+                   devices=None):
+    """Stage 4: UniFluid with the preset's recipe (+ `extra_arg`, later keys win); returns its config."""
     from unifluid_jax import config as config_lib
     prep = os.path.dirname(data_dir)  # where prepare() put the VAE and SigLIP runs
     siglip = os.path.join(prep, "siglip") if "siglip" in stats else ""
@@ -161,12 +162,12 @@ def train_unifluid(run_dir: str, p: dict, seed: int, data_dir: str, stats: dict,
     config_lib.validate(cfg)
     if not _finished(run_dir, p["steps"]):
         _log(f"4/5 training UniFluid for {p['steps']} steps (VAE frozen) -> {run_dir}")
-        _train(cfg, run_dir, "UniFluid")
+        _train(cfg, run_dir, "UniFluid", devices)
     return cfg
 
 
 def evaluate(eval_dir: str, p: dict, seed: int, cfg, run_dir: str, data_dir: str) -> dict:
-    """Stage 4: the eval suite on the run's serving params (cached in eval_dir for the run's last step)."""
+    """Stage 5: the eval suite on the run's serving params (cached in eval_dir for the run's last step)."""
     import jax
 
     from unifluid_jax.evals import suite
@@ -192,18 +193,19 @@ def evaluate(eval_dir: str, p: dict, seed: int, cfg, run_dir: str, data_dir: str
     return results
 
 
-def run(workdir: str, *, preset: str = "short", seed: int = 0, **overrides) -> dict:
-    """Runs (or resumes) the demo; `overrides` replace preset entries (tests use small values)."""
+def run(workdir: str, *, preset: str = "short", seed: int = 0, devices=None, **overrides) -> dict:
+    """Runs (or resumes) the demo; `overrides` replace preset entries (tests use small values); `devices`
+    (default: all) are the training stages' mesh."""
     p = {**PRESETS[preset], **overrides}
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     times: dict[str, float] = {}
     t = time.perf_counter()
-    data_dir, stats = prepare(workdir, p, seed)
+    data_dir, stats = prepare(workdir, p, seed, devices)
     times["data+vae+siglip"] = time.perf_counter() - t
     t = time.perf_counter()
     uf_dir = os.path.join(workdir, "unifluid")
-    cfg = train_unifluid(uf_dir, p, seed, data_dir, stats)
+    cfg = train_unifluid(uf_dir, p, seed, data_dir, stats, devices=devices)
     with open(os.path.join(uf_dir, "metrics_summary.json")) as f:
         train_summary = json.load(f)
     times["unifluid"] = time.perf_counter() - t

@@ -114,6 +114,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # Config-driven helpers used by the trainer.
 
 
+def jit_once(fn, devices=None, **jit_kwargs):
+    """jax.jit for a function run once (initialisation). On CPU XLA's backend optimisation of its ~one fusion
+    per parameter costs more than the run itself (the tiny VAE's init: 10 s -> 4 s to compile, 0.05 s to run);
+    on TPU / GPU the default optimisation is kept."""
+    devices = list(devices if devices is not None else jax.devices())
+    opts = {"xla_backend_optimization_level": 0} if devices[0].platform == "cpu" else None
+    return jax.jit(fn, compiler_options=opts, **jit_kwargs)
+
+
 def mesh_from_config(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The mesh described by `config.mesh` ({data, fsdp, tensor}, one may be -1) over all global devices."""
     return make_mesh(dict(config.mesh), devices)

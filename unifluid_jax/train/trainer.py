@@ -207,7 +207,7 @@ class Trainer:
             self.state_shardings["ema_params"] = self.param_shardings
         self.abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                            abstract, self.state_shardings)
-        self.init_state = jax.jit(init_state, out_shardings=self.state_shardings)
+        self.init_state = sharding.jit_once(init_state, mesh.devices.flat, out_shardings=self.state_shardings)
         self.batch_shardings = sharding.batch_shardings(mesh, self.task.batch_logical_axes, self.rules)
         first = next(iter(self.batch_shardings.values()))
         self.shard_index, self.shard_count, self.local_batch = sharding.data_shard(first, self.global_batch)
