@@ -35,3 +35,20 @@ def from_presets(cls, presets: dict, section, key: str, kind: str):
 
 def check_choice(value: Any, path: str, choices) -> None:
     check(value in choices, path, f"unknown value {value!r}; choose one of {sorted(choices)}")
+
+
+def check_tree_shapes(got: dict, want: dict, what: str, owner: str, error: type = ValueError) -> None:
+    """`got` / `want`: flattened trees {path tuple: array-like}. Raises `error` at the first tensor that is
+    missing, mis-shaped or extra, naming it and both shapes ('the <owner> expects ...')."""
+    import numpy as np
+    for k, a in want.items():
+        name = "/".join(k)
+        if k not in got:
+            raise error(f"{what}: no tensor {name} (the {owner} expects shape {tuple(np.shape(a))})")
+        if tuple(np.shape(got[k])) != tuple(np.shape(a)):
+            raise error(f"{what}: tensor {name} has shape {tuple(np.shape(got[k]))}, the {owner} expects "
+                        f"{tuple(np.shape(a))}")
+    extra = sorted(set(got) - set(want))
+    if extra:
+        raise error(f"{what}: tensor {'/'.join(extra[0])} {tuple(np.shape(got[extra[0]]))} is not in the "
+                    f"{owner}'s params (a bigger model?)")

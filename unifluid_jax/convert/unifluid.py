@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from unifluid_jax.checks import check_tree_shapes
 from unifluid_jax.convert import gemma as gemma_conv
 from unifluid_jax.convert import siglip as siglip_conv
 from unifluid_jax.convert import vae as vae_conv
@@ -83,17 +84,8 @@ def _expected_params(cfg: unifluid_lib.UniFluidConfig) -> dict:
 
 def _check_tree(got, expected, what: str):
     """Raises ExportError at the first param whose presence or shape differs from the config's."""
-    got_flat = traverse_util.flatten_dict(nn.unbox(got))
-    for path, leaf in traverse_util.flatten_dict(expected).items():
-        name = "/".join(path)
-        if path not in got_flat:
-            raise ExportError(f"{what}: no param {name} (the config expects shape {tuple(leaf.shape)})")
-        if tuple(np.shape(got_flat[path])) != tuple(leaf.shape):
-            raise ExportError(f"{what}: param {name} has shape {tuple(np.shape(got_flat[path]))}, the config "
-                              f"expects {tuple(leaf.shape)}")
-    extra = sorted(set(got_flat) - set(traverse_util.flatten_dict(expected)))
-    if extra:
-        raise ExportError(f"{what}: param {'/'.join(extra[0])} is not in the config (bigger model?)")
+    check_tree_shapes(traverse_util.flatten_dict(nn.unbox(got)), traverse_util.flatten_dict(expected), what,
+                      "config", ExportError)
 
 
 # --- config ---------------------------------------------------------------------------------------------------

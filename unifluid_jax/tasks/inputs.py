@@ -8,6 +8,12 @@ import numpy as np
 from unifluid_jax.data import pipeline
 
 
+def host_iterator(config, process_index: int, process_count: int, **kwargs):
+    """The pipeline iterator of this host's shard of `config.data`, at its share of the global batch."""
+    return pipeline.make_iterator(config.data, shard_index=process_index, shard_count=process_count,
+                                  batch_size=config.train.batch_size // process_count, **kwargs)
+
+
 class SkipCounter:
     """Wraps a pipeline iterator: pops the per-host `num_skipped` stats (keeping running totals for the
     trainer's metrics) and optionally keeps / renames fields. Checkpointable like the iterator it wraps."""

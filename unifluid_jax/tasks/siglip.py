@@ -26,7 +26,7 @@ from unifluid_jax.config import check
 from unifluid_jax.data import pipeline
 from unifluid_jax.data.tokenizer import Tokenizer
 from unifluid_jax.models import two_towers
-from unifluid_jax.tasks.inputs import SkipCounter
+from unifluid_jax.tasks.inputs import SkipCounter, host_iterator
 from unifluid_jax.train import task as task_lib
 
 IMAGE_TOWER = "img"  # the params subtree that UniFluid's `siglip` loads
@@ -69,7 +69,6 @@ class SigLIPTask(task_lib.Task):
         super().__init__(config)
         self.model_config = two_towers.config_from_dict(config.model)
         self.model = two_towers.TwoTowers(self.model_config)
-        self._inputs: list[CaptionPairs] = []
 
     @classmethod
     def validate_config(cls, config) -> None:
@@ -105,14 +104,7 @@ class SigLIPTask(task_lib.Task):
         return loss, {"temperature": t, "bias": b, "batch_i2t_top1": top1}
 
     def make_input(self, config, process_index: int, process_count: int):
-        it = CaptionPairs(pipeline.make_iterator(
-            config.data, shard_index=process_index, shard_count=process_count,
-            batch_size=config.train.batch_size // process_count))
-        self._inputs.append(it)
-        return it
-
-    def host_metrics(self) -> dict[str, float]:
-        return self._inputs[-1].metrics() if self._inputs else {}
+        return self.track_input(CaptionPairs(host_iterator(config, process_index, process_count)))
 
     def tokens_per_batch(self, batch) -> int:
         return int(np.asarray(batch["image"]).shape[0])

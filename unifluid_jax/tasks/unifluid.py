@@ -18,7 +18,7 @@ from unifluid_jax import layout
 from unifluid_jax.config import check
 from unifluid_jax.data import packing, pipeline
 from unifluid_jax.models import unifluid
-from unifluid_jax.tasks.inputs import SkipCounter
+from unifluid_jax.tasks.inputs import SkipCounter, host_iterator
 from unifluid_jax.train import task as task_lib
 
 
@@ -66,7 +66,6 @@ class UniFluidTask(task_lib.Task):
         spec = self.batch_shapes(1)
         self.batch_logical_axes = {k: ("act_batch",) + (None,) * (len(shape) - 1)
                                    for k, (shape, _) in spec.items()}
-        self._inputs: list[SkipCounter] = []
 
     def batch_shapes(self, batch_size: int) -> dict:
         """{field: (shape, dtype)} of a step's batch of laid-out rows (tools/aot.py reads this)."""
@@ -87,14 +86,8 @@ class UniFluidTask(task_lib.Task):
                                 method=unifluid.UniFluid.loss)
 
     def make_input(self, config, process_index: int, process_count: int):
-        it = SkipCounter(pipeline.make_iterator(
-            config.data, shard_index=process_index, shard_count=process_count,
-            batch_size=config.train.batch_size // process_count, dims=self.model_config.dims))
-        self._inputs.append(it)
-        return it
-
-    def host_metrics(self) -> dict[str, float]:
-        return self._inputs[-1].metrics() if self._inputs else {}
+        return self.track_input(SkipCounter(host_iterator(config, process_index, process_count,
+                                                          dims=self.model_config.dims)))
 
     def eval_fn(self, params, step, writer):
         """evals/suite.py on config.eval (GenEval, FD, CIDEr, VQA); numbers to tensorboard, files to

@@ -21,7 +21,7 @@ import numpy as np
 from unifluid_jax.config import check
 from unifluid_jax.data import pipeline
 from unifluid_jax.models import vae as vae_lib
-from unifluid_jax.tasks.inputs import SkipCounter
+from unifluid_jax.tasks.inputs import SkipCounter, host_iterator
 from unifluid_jax.train import sharding
 from unifluid_jax.train import task as task_lib
 
@@ -33,7 +33,6 @@ class VAETask(task_lib.Task):
         super().__init__(config)
         self.model_config = vae_lib.config_from_dict(config.vae)
         self.model = vae_lib.AutoencoderKL(self.model_config)
-        self._inputs: list[SkipCounter] = []
         self._psnr_init: float | None = None
 
     @classmethod
@@ -54,14 +53,8 @@ class VAETask(task_lib.Task):
         return vae_lib.vae_loss({"params": params}, batch, rng, self.config.vae_train.beta, model=self.model)
 
     def make_input(self, config, process_index: int, process_count: int):
-        it = SkipCounter(pipeline.make_iterator(
-            config.data, shard_index=process_index, shard_count=process_count,
-            batch_size=config.train.batch_size // process_count), fields={"image_gen": "image"})
-        self._inputs.append(it)
-        return it
-
-    def host_metrics(self) -> dict[str, float]:
-        return self._inputs[-1].metrics() if self._inputs else {}
+        return self.track_input(SkipCounter(host_iterator(config, process_index, process_count),
+                                            fields={"image_gen": "image"}))
 
     def tokens_per_batch(self, batch) -> int:
         return int(np.asarray(batch["image"]).shape[0])

@@ -27,7 +27,7 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from unifluid_jax.checks import ConfigError, check
+from unifluid_jax.checks import ConfigError, check, check_tree_shapes
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +101,7 @@ def place(host, abstract, what: str):
     missing or mis-shaped tensor raises naming it and both shapes."""
     want = traverse_util.flatten_dict(abstract)
     got = traverse_util.flatten_dict(host)
-    for k, a in want.items():
-        name = "/".join(k)
-        if k not in got:
-            raise ValueError(f"{what}: no tensor for {name} (the run expects shape {tuple(a.shape)})")
-        if tuple(np.shape(got[k])) != tuple(a.shape):
-            raise ValueError(f"{what}: tensor {name} has shape {tuple(np.shape(got[k]))} but the run expects "
-                             f"{tuple(a.shape)}")
-    extra = sorted(set(got) - set(want))
-    if extra:
-        raise ValueError(f"{what}: tensor {'/'.join(extra[0])} {np.shape(got[extra[0]])} is not in the run's params")
+    check_tree_shapes(got, want, what, "run")
 
     def put(a, x):
         x = np.asarray(x)  # one host copy; each device then receives only its shard

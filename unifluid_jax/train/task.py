@@ -67,6 +67,12 @@ class Task(abc.ABC):
 
     def __init__(self, config):
         self.config = config
+        self._inputs: list = []  # iterators from make_input; the newest one reports host_metrics
+
+    def track_input(self, it):
+        """make_input's iterator, remembered so that host_metrics can report its counts."""
+        self._inputs.append(it)
+        return it
 
     @classmethod
     def validate_config(cls, config) -> None:
@@ -88,7 +94,9 @@ class Task(abc.ABC):
         return 0
 
     def host_metrics(self) -> dict:
-        return {}
+        """Host-side counts of the newest input (e.g. records skipped as undecodable)."""
+        it = self._inputs[-1] if self._inputs else None
+        return it.metrics() if hasattr(it, "metrics") else {}
 
     def eval_fn(self, params, step: int, writer) -> dict | None:
         return None
