@@ -74,8 +74,13 @@ def test_caption_vqa_edit(shapes_dir, run_dir, tmp_path):
 
 
 def test_eval_mode(shapes_dir, run_dir, tmp_path):
-    res = main.run(_config(shapes_dir, out=str(tmp_path)), run_dir, "eval")
-    assert 0.0 <= res["geneval"]["overall"] <= 1.0
+    cfg = _config(shapes_dir, out=str(tmp_path))
+    res = main.run(cfg, run_dir, "eval")
+    g = res["geneval"]
+    assert g["num_images"] == cfg.eval.num_geneval
+    cats = [k for k, v in g.items() if isinstance(v, float) and k != "overall"]
+    assert cats and set(cats) <= set(res["geneval_chance"])  # every category beside its chance baseline
+    assert g["overall"] == pytest.approx(np.mean([g[c] for c in cats]))  # GenEval's unweighted category mean
     assert "cider" in res["caption"] and "soft_accuracy" in res["vqa"]
     assert (tmp_path / "eval" / "eval_results.json").exists()
 
