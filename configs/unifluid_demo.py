@@ -9,7 +9,8 @@ Arg (comma-separated key=value; every value the demo's recipe sets, so a demo st
 command line): data=, vae= (the VAE run), scaling= (its latent scaling factor), siglip= (a SigLIP run whose
 image tower initialises `siglip`; empty: random), steps=, batch=, lr=, mix= (task weights,
 t2i:2/caption:1/vqa:1), text_weight= (lambda), order= (annealed | random | raster), train_siglip= (0/1),
-batch_mul= (diffusion), seed=, und= (SigLIP image size / patch / width, default 32/8/32 = tiny/8).
+batch_mul= (diffusion), seed=, und= (SigLIP image size / patch / width, default 32/8/32 = tiny/8),
+layout= (fixed | packed: examples per row, data/packing.py).
 """
 from unifluid_jax import presets as common
 
@@ -35,6 +36,7 @@ def get_config(arg=None):
     if int(a.get("train_siglip", 0)):  # SigLIP learns from the caption/VQA loss (only the VAE stays frozen)
         c.model.train_siglip = True
         c.optimizer.frozen_regexes = ("^vae/",)
+    c.data.layout = a.get("layout", c.data.layout)
     c.seed = int(a.get("seed", c.seed))
     c.data.seed = c.seed
     c.train.num_steps = int(a.get("steps", 3000))
