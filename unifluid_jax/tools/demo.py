@@ -28,20 +28,22 @@ from absl import app, flags, logging as absl_logging
 
 FLAGS = flags.FLAGS
 
-# Every knob of the recipe, per preset. `unifluid` is the arg string of configs/unifluid_demo.py (so a stage is
-# reproducible with `python -m unifluid_jax.main --config=configs/unifluid_demo.py:...`).
+# The UniFluid stage's recipe: the arg string of configs/unifluid_demo.py, so the stage is reproducible with
+# `python -m unifluid_jax.main --config=configs/unifluid_demo.py:...`. Packed rows (several examples per row,
+# data/packing.py): 2x the examples per step, 1.23-1.29x the examples per second of fixed rows
+# (bench/bench_demo_step.py); t2i twice as often as each understanding task.
+RECIPE = ("layout=packed,mix=t2i:2/caption:0.5/vqa:0.5,order=annealed,batch_mul=4,text_weight=0.2,lr=1e-3,"
+          "schedule=constant,batch=32")
+# Every knob of the demo, per preset.
 PRESETS = {
-    "short": dict(num_train=8000, geneval_fraction=1.0, vae_steps=1000, siglip_steps=500, steps=900, num_eval=25,
-                  unifluid="mix=t2i:1/caption:0.5/vqa:0.5,order=annealed,batch_mul=4,text_weight=0.2,"
-                           "lr=1e-3,schedule=constant,batch=32",
+    "short": dict(num_train=8000, geneval_fraction=1.0, vae_steps=1000, siglip_steps=500, steps=700, num_eval=25,
+                  unifluid=RECIPE,
                   cfg_scale=3.0, cfg_schedule="constant", temperature=1.0, num_sample_steps=50),
     "long": dict(num_train=20000, geneval_fraction=1.0, vae_steps=1000, siglip_steps=800, steps=6000, num_eval=25,
-                 unifluid="mix=t2i:1/caption:0.5/vqa:0.5,order=annealed,batch_mul=4,text_weight=0.2,"
-                          "lr=1e-3,schedule=constant,batch=32",
+                 unifluid=RECIPE,
                  cfg_scale=3.0, cfg_schedule="constant", temperature=1.0, num_sample_steps=50),
     "quick": dict(num_train=64, geneval_fraction=1.0, vae_steps=20, siglip_steps=10, steps=10, num_eval=2,
-                  unifluid="mix=t2i:1/caption:0.5/vqa:0.5,order=annealed,batch_mul=4,text_weight=0.2,"
-                           "lr=1e-3,schedule=constant,batch=8",
+                  unifluid=RECIPE.replace("batch=32", "batch=8"),
                   cfg_scale=3.0, cfg_schedule="constant", temperature=1.0, num_sample_steps=20),
 }
 
