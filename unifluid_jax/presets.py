@@ -74,7 +74,7 @@ def unifluid_config(size: str, dataset_dir: str, *, gen_size: int, und_size: int
     c.checkpoint.init_subtrees = [dict(workdir="", src="", dst="vae")]
     # Periodic evaluation (train.eval_every > 0) and `--mode=eval`: evals/suite.py on a shapes-style dataset.
     c.eval = dict(data_dir=dataset_dir, split="test", num_geneval=48, num_caption=48, num_vqa=48,
-                  batch_size=16, num_steps=50, cfg_scale=2.0, temperature=1.0)
+                  batch_size=16, num_steps=50, cfg_scale=2.0, cfg_schedule="linear", temperature=1.0)
     # --mode=sample / caption / vqa / edit (unifluid_jax/inference/cli.py).
     c.infer = dict(prompts="", images="", questions="", pairs="", out="", step=-1, batch_size=16, seed=0,
                    num_steps=100, cfg_scale=3.0, cfg_schedule="linear", temperature=1.0, order="raster",

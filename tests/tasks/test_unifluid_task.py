@@ -58,3 +58,11 @@ def test_bad_model_section(shapes_dir):
     cfg.model.llm.num_kv_heads = 3
     with pytest.raises(ConfigError, match="model.llm"):
         task_lib.resolve("unifluid").validate_config(cfg)
+
+
+@pytest.mark.parametrize("section", ["eval", "infer"])
+def test_unknown_cfg_schedule_is_refused_before_compiling(shapes_dir, section):
+    cfg = _config(shapes_dir)
+    cfg[section].cfg_schedule = "cosine"
+    with pytest.raises(ConfigError, match=rf"config.{section}.cfg_schedule: 'cosine' is unknown"):
+        task_lib.resolve("unifluid").validate_config(cfg)

@@ -224,10 +224,7 @@ def vqa(config, workdir: str) -> dict:
 
 def evaluate(config, workdir: str) -> dict:
     model, variables = load_model(config, workdir)
-    e = config.eval
-    res = suite.evaluate(model, variables, e.data_dir, out_dir=os.path.join(_out_dir(config, workdir), "eval"),
-                         split=e.split, num_geneval=e.num_geneval, num_caption=e.num_caption, num_vqa=e.num_vqa,
-                         batch_size=e.batch_size, num_steps=e.num_steps, cfg_scale=e.cfg_scale,
-                         temperature=e.temperature, caption_prompt=config.data.caption_prompt)
+    res = suite.evaluate_section(model, variables, config.eval, caption_prompt=config.data.caption_prompt,
+                                 out_dir=os.path.join(_out_dir(config, workdir), "eval"))
     print(json.dumps(res, indent=1, default=float))
     return res

@@ -76,6 +76,11 @@ class UniFluidTask(task_lib.Task):
         unifluid.validate_config(config.model, "model")
         pipeline.validate_config(config.data, "data")
         check_data_matches_model(config.data, unifluid.config_from_dict(config.model))
+        from unifluid_jax.inference import generate
+        for section in ("eval", "infer"):
+            sched = config.get(section, {}).get("cfg_schedule", "linear")
+            check(sched in generate.CFG_SCHEDULES, f"{section}.cfg_schedule",
+                  f"{sched!r} is unknown; choose one of {list(generate.CFG_SCHEDULES)}")
 
     def init_params(self, rng):
         batch = example_batch(self.model_config)
@@ -95,10 +100,8 @@ class UniFluidTask(task_lib.Task):
         from unifluid_jax.evals import suite
         e = self.config.eval
         out_dir = os.path.join(writer.workdir, "eval", str(step)) if jax.process_index() == 0 else None
-        res = suite.evaluate(self.model, {"params": params}, e.data_dir, out_dir=out_dir, split=e.split,
-                             num_geneval=e.num_geneval, num_caption=e.num_caption, num_vqa=e.num_vqa,
-                             batch_size=e.batch_size, num_steps=e.num_steps, cfg_scale=e.cfg_scale,
-                             temperature=e.temperature, caption_prompt=self.config.data.caption_prompt)
+        res = suite.evaluate_section(self.model, {"params": params}, e, out_dir=out_dir,
+                                     caption_prompt=self.config.data.caption_prompt)
         flat = {}
         for group, vals in res.items():
             if isinstance(vals, dict):
