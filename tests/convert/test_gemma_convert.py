@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import traverse_util
 
 from unifluid_jax.convert import gemma as conv
 from unifluid_jax.models import gemma
@@ -119,14 +120,7 @@ def to_official(sd, cfg, gating_layout, fused_qkv=False):
     for i in range(cfg.num_layers):
         for name, arr in _layer_tensors(sd, cfg, i, gating_layout, fused_qkv).items():
             flat[f"transformer/layer_{i}/{name}"] = arr
-    tree = {}
-    for key, arr in flat.items():
-        node = tree
-        *parents, leaf = key.split("/")
-        for q in parents:
-            node = node.setdefault(q, {})
-        node[leaf] = arr
-    return tree
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 # big_vision's Gemma params, declared as google-research/big_vision big_vision/models/ppp/gemma.py declares them

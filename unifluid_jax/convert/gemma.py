@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from unifluid_jax.models import layers as gemma_layers
 from unifluid_jax.models.gemma import GemmaConfig, get_config
@@ -413,14 +414,8 @@ def _to_flax_like(params, cfg: GemmaConfig, gating_layout: str, fused_qkv: bool 
 
 
 def _nest(flat: Mapping) -> dict:
-    tree: dict = {}
-    for key, arr in flat.items():
-        node = tree
-        *parents, leaf = key.split("/")
-        for q in parents:
-            node = node.setdefault(q, {})
-        node[leaf] = arr
-    return tree
+    """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def params_to_flax(params, cfg: GemmaConfig, gating_layout: str = "DF", fused_qkv: bool | None = None) -> dict:
