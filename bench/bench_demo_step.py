@@ -4,9 +4,9 @@
     python bench/bench_demo_step.py --variants="b32=batch=32;b64=batch=64" --rounds=3
     python bench/bench_demo_step.py --data=workdir/demo/shapes        # an existing dataset
 
-Each variant is configs/unifluid_demo.py with the demo recipe's arg plus its own keys (later keys win), built
-and compiled once in this process, then timed in turn (A B A B ...; each turn runs the same 4 batches), so all
-see the same machine load. Reports examples per second (t2i examples + caption / VQA examples in the batches:
+Each variant is configs/unifluid_demo.py with the demo's recipe (tools/demo.py RECIPE) plus its own keys
+(later keys win), built and compiled once in this process, then timed in turn (A B A B ...; each turn runs the
+same 4 batches), so all see the same machine load. Reports examples per second (t2i examples + caption / VQA examples in the batches:
 a packed row holds several) and, against the first variant, the median of the per-round ratios. The VAE and
 SigLIP are randomly initialised: their weights do not change the cost. Also printed: XLA's FLOP count of the
 compiled step (a scanned loop body counted once: a lower bound) and the compile time.
@@ -24,9 +24,6 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-RECIPE = ("mix=t2i:1/caption:0.5/vqa:0.5,order=annealed,batch_mul=4,text_weight=0.2,lr=1e-3,schedule=constant,"
-          "batch=32")
-
 
 def build(name: str, arg: str, data: str, workdir: str):
     import jax
@@ -34,7 +31,7 @@ def build(name: str, arg: str, data: str, workdir: str):
     from unifluid_jax.tools import demo
     from unifluid_jax.train import checkpoint as ckpt_lib
     from unifluid_jax.train import sharding, trainer
-    cfg = demo._load_config("unifluid_demo", f"data={data},{RECIPE}" + (f",{arg}" if arg else ""))
+    cfg = demo._load_config("unifluid_demo", f"data={data},{demo.RECIPE}" + (f",{arg}" if arg else ""))
     t = trainer.Trainer(cfg, f"{workdir}/{name}", devices=jax.devices()[:1])
     with t.context():
         it = iter(t.task.make_input(cfg, 0, 1))

@@ -209,7 +209,7 @@ def evaluate(model: UniFluid, params, data_dir: str, *, out_dir: str | None = No
 
 def evaluate_section(model: UniFluid, params, section, *, out_dir: str | None, caption_prompt: str) -> dict:
     """`evaluate` with the settings of a config's `eval` section (--mode=eval and the trainer's eval hook)."""
-    e = section
+    e = section  # the eval section's keys, forwarded one to one
     return evaluate(model, params, e.data_dir, out_dir=out_dir, split=e.split, num_geneval=e.num_geneval,
                     num_caption=e.num_caption, num_vqa=e.num_vqa, batch_size=e.batch_size, num_steps=e.num_steps,
                     cfg_scale=e.cfg_scale, cfg_schedule=e.get("cfg_schedule", "linear"), temperature=e.temperature,

@@ -31,7 +31,7 @@ FLAGS = flags.FLAGS
 # The UniFluid stage's recipe: the arg string of configs/unifluid_demo.py, so the stage is reproducible with
 # `python -m unifluid_jax.main --config=configs/unifluid_demo.py:...`. Packed rows (several examples per row,
 # data/packing.py): 2x the examples per step, 1.23-1.29x the examples per second of fixed rows
-# (bench/bench_demo_step.py); t2i twice as often as each understanding task.
+# (bench/bench_demo_step.py, measured with the earlier t2i 1 mix); t2i twice as often as each understanding task.
 RECIPE = ("layout=packed,mix=t2i:2/caption:0.5/vqa:0.5,order=annealed,batch_mul=4,text_weight=0.2,lr=1e-3,"
           "schedule=constant,batch=32")
 # Every knob of the demo, per preset.

@@ -67,11 +67,11 @@ class Task(abc.ABC):
 
     def __init__(self, config):
         self.config = config
-        self._inputs: list = []  # iterators from make_input; the newest one reports host_metrics
+        self._input = None  # the newest make_input iterator: host_metrics reports its counts
 
     def track_input(self, it):
         """make_input's iterator, remembered so that host_metrics can report its counts."""
-        self._inputs.append(it)
+        self._input = it
         return it
 
     @classmethod
@@ -95,8 +95,7 @@ class Task(abc.ABC):
 
     def host_metrics(self) -> dict:
         """Host-side counts of the newest input (e.g. records skipped as undecodable)."""
-        it = self._inputs[-1] if self._inputs else None
-        return it.metrics() if hasattr(it, "metrics") else {}
+        return self._input.metrics() if hasattr(self._input, "metrics") else {}
 
     def eval_fn(self, params, step: int, writer) -> dict | None:
         return None
