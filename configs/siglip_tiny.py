@@ -1,9 +1,10 @@
-"""Tiny SigLIP (image tower = the demo's SigLIP tiny/8 at 32 px) trained with the sigmoid loss on the shapes
-dataset's image-caption pairs; UniFluid loads its image tower into `siglip` (checkpoint.init_subtrees with
+"""Tiny SigLIP (image tower = the SigLIP of the UniFluid config of that size; the demo's reads 64 px) trained
+with the sigmoid loss on the shapes dataset's image-caption pairs; UniFluid loads its image tower into `siglip` (checkpoint.init_subtrees with
 src='img', dst='siglip').
 
     python -m unifluid_jax.main --config=configs/siglip_tiny.py:data=/tmp/shapes --workdir=/tmp/siglip_tiny
-Arg: comma-separated data=DIR, size=demo|tiny (which UniFluid config's SigLIP), steps=N, batch=N, lr=X.
+Arg: comma-separated data=DIR, size=demo|tiny (which UniFluid config's SigLIP), und=SIZE/PATCH/WIDTH (the image
+tower of configs/unifluid_demo.py's `und=`; overrides size=), steps=N, batch=N, lr=X.
 Writes siglip_stats.json (held-out image->text / text->image retrieval top-1 and chance) at every evaluation.
 """
 import os
@@ -12,6 +13,7 @@ import ml_collections
 
 from unifluid_jax import config as config_lib
 from unifluid_jax import presets as common
+from unifluid_jax.models import siglip
 
 
 def get_config(arg=None):
@@ -20,10 +22,11 @@ def get_config(arg=None):
     size = a.get("size", "demo")
     c = config_lib.defaults()
     c.task = "siglip"
+    image = common.demo_siglip(a["und"]) if "und" in a else dict(common.SIGLIP[size])
     c.model = ml_collections.ConfigDict(dict(
-        image=dict(common.SIGLIP[size], pool="map"),  # the SigLIP the UniFluid config of that size uses
+        image=dict(image, pool="map"),  # the SigLIP the UniFluid config of that size uses
         text=dict(variant="tiny"), temperature_init=10.0, bias_init=-10.0))
-    c.data = common.shapes_data(data_dir, weights={"caption": 1.0}, und_size=32)
+    c.data = common.shapes_data(data_dir, weights={"caption": 1.0}, und_size=siglip.config_from_dict(image).image_size)
     for s in c.data.sources:
         s["task"] = "caption"
     c.siglip_train = ml_collections.ConfigDict(dict(

@@ -1,7 +1,8 @@
 """Tiny KL-VAE (64 px -> 8x8x4) on the embedded shapes dataset; the UniFluid demo freezes it.
 
     python -m unifluid_jax.main --config=configs/vae_tiny.py:data=/tmp/shapes --workdir=/tmp/vae_tiny
-Arg: comma-separated data=DIR, size=demo|tiny (which UniFluid config's VAE), steps=N, batch=N.
+Arg: comma-separated data=DIR, size=demo|tiny (which UniFluid config's VAE), steps=N, batch=N,
+schedule=wsd|constant|cosine.
 Writes vae_stats.json (held-out PSNR before/after, latent scaling factor) at every evaluation.
 """
 import ml_collections
@@ -29,6 +30,8 @@ def get_config(arg=None):
     c.train.log_every = 50
     c.train.eval_every = c.train.num_steps
     c.optimizer.lr = 2e-3
+    c.optimizer.schedule = a.get("schedule", "wsd")  # constant, then down to 0 over the last 30%
+    c.optimizer.decay_frac = 0.3
     c.optimizer.warmup_steps = 50
     c.optimizer.weight_decay = 0.0
     c.checkpoint.every_steps = 200

@@ -108,7 +108,7 @@ def defaults():
     # SPEC 8 / MAR recipe: AdamW (0.9, 0.95), lr 1e-4, linear warmup then constant, clip 3.0, wd 0.02,
     # no decay on biases, norms and 1-D params (plus `no_decay_regexes`, e.g. the diffusion head).
     c.optimizer = dict(lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.02, grad_clip=3.0,
-                       schedule="constant", warmup_steps=0, end_lr_ratio=0.0, ema_decay=0.0,
+                       schedule="constant", warmup_steps=0, end_lr_ratio=0.0, decay_frac=0.2, ema_decay=0.0,
                        grad_accum_steps=1, no_decay_regexes=(), frozen_regexes=())
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.sharding = dict(rules=ml_collections.FieldReference(None, field_type=list),

@@ -1,5 +1,6 @@
 """SigLIP task: caption inputs, retrieval metric, the sigmoid loss learns a synthetic pairing, a trained image
 tower loads into UniFluid's `siglip` through checkpoint.init_subtrees, config errors."""
+import dataclasses
 import json
 import os
 
@@ -87,9 +88,21 @@ def test_sigmoid_loss_learns_synthetic_pairs():
 
 
 def _siglip_config(shapes_dir, steps=8, batch=16):
-    cfg = runner.load_config("configs/siglip_tiny.py", f"data={shapes_dir},steps={steps},batch={batch}")
+    # size=tiny: the tower of configs/unifluid_tiny.py (32 px), which the test below loads it into.
+    cfg = runner.load_config("configs/siglip_tiny.py", f"data={shapes_dir},size=tiny,steps={steps},batch={batch}")
     cfg.siglip_train.eval_examples = 48
     return cfg
+
+
+@pytest.mark.parametrize("arg, uf_arg", [("", ""), ("und=32/8/32", "und=32/8/32")])
+def test_default_tower_is_the_demo_unifluid_tower(arg, uf_arg):
+    """The demo's SigLIP stage (configs/siglip_tiny.py, default size=demo) trains exactly the image tower
+    configs/unifluid_demo.py reads (same `und=`), so init_subtrees loads it without a shape mismatch."""
+    tower = runner.load_config("configs/siglip_tiny.py", f"data=D,{arg}")
+    uf = runner.load_config("configs/unifluid_demo.py", f"data=D,{uf_arg}")
+    assert dataclasses.replace(two_towers.config_from_dict(tower.model).image, pool="none") == \
+        siglip.config_from_dict(uf.model.siglip)
+    assert tower.data.und_size == uf.data.und_size == siglip.config_from_dict(uf.model.siglip).image_size
 
 
 @pytest.mark.slow

@@ -22,6 +22,15 @@ def test_warmup_then_constant_and_cosine():
     np.testing.assert_allclose([cos(10), cos(60), cos(110)], [1e-3, 5.5e-4, 1e-4], rtol=1e-5)
 
 
+def test_wsd_holds_then_decays_linearly_over_the_last_fraction():
+    wsd = optimizer.schedule(_section(lr=1e-3, warmup_steps=10, schedule="wsd", decay_frac=0.25, end_lr_ratio=0.1),
+                             100)
+    steps = [0, 5, 10, 74, 75, 85, 95, 100, 120]
+    np.testing.assert_allclose([wsd(s) for s in steps],
+                               [0, 5e-4, 1e-3, 1e-3, 1e-3, 1e-3 - 0.9e-3 * 10 / 25, 1e-3 - 0.9e-3 * 20 / 25, 1e-4, 1e-4],
+                               rtol=1e-5)
+
+
 def _box(shape, names):
     return nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, jnp.float32), names)
 

@@ -1,4 +1,4 @@
-"""optax optimizer from `config.optimizer`: AdamW, warmup + constant/cosine, clipping, decay mask, freezing.
+"""optax optimizer from `config.optimizer`: AdamW, warmup + constant/cosine/wsd, clipping, decay mask, freezing.
 
 Params are addressed by their '/'-joined path (e.g. 'decoder/layers/attn/q_einsum/w'); regexes use re.search.
 Frozen params go through `optax.set_to_zero` inside `optax.multi_transform`, so they keep no Adam moments.
@@ -18,7 +18,7 @@ from unifluid_jax.train import sharding
 
 # Never decayed, whatever the config says (paper/MAR recipe: biases, norms and 1-D params).
 BUILTIN_NO_DECAY = (r"(^|/)bias$", r"(^|/)b$", r"norm", r"(^|/)scale$")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "wsd")
 
 
 def validate_config(section, path: str = "optimizer") -> None:
@@ -29,6 +29,7 @@ def validate_config(section, path: str = "optimizer") -> None:
     check(0 <= section.b1 < 1 and 0 <= section.b2 < 1, f"{path}.b1/b2",
           f"betas must be in [0, 1), got ({section.b1}, {section.b2})")
     check(0 <= section.ema_decay < 1, f"{path}.ema_decay", f"must be in [0, 1) (0 = off), got {section.ema_decay}")
+    check(0 < section.decay_frac <= 1, f"{path}.decay_frac", f"must be in (0, 1], got {section.decay_frac}")
     check(0 <= section.end_lr_ratio <= 1, f"{path}.end_lr_ratio", f"must be in [0, 1], got {section.end_lr_ratio}")
     for field in ("no_decay_regexes", "frozen_regexes"):
         for rx in section[field]:
@@ -39,10 +40,17 @@ def validate_config(section, path: str = "optimizer") -> None:
 
 
 def schedule(section, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to lr, then constant (paper default) or cosine down to lr * end_lr_ratio."""
+    """Linear warmup from 0 to lr, then constant (paper default), cosine down to lr * end_lr_ratio, or wsd
+    (warmup-stable-decay): constant, then linear down to lr * end_lr_ratio over the last `decay_frac` of the
+    run, which a run of known length anneals with while keeping the constant rate for most of it."""
     lr, warm = float(section.lr), int(section.warmup_steps)
     if section.schedule == "constant":
         after = optax.constant_schedule(lr)
+    elif section.schedule == "wsd":
+        decay = max(int(round(float(section.decay_frac) * total_steps)), 1)
+        stable = max(total_steps - warm - decay, 0)
+        after = optax.join_schedules([optax.constant_schedule(lr),
+                                      optax.linear_schedule(lr, lr * float(section.end_lr_ratio), decay)], [stable])
     else:
         after = optax.cosine_decay_schedule(lr, max(total_steps - warm, 1), alpha=float(section.end_lr_ratio))
     if warm == 0:
