@@ -94,12 +94,13 @@ def throughput(pairs: int, rows: int, seed: int = 0):
     dims = cfg.dims
     rng = np.random.default_rng(seed)
     exs = sample_examples(rows * 8, cfg.max_text_len, seed)
-    for ex in exs:  # demo images: 64 px gen, 32 px und
+    g, u = cfg.vae.image_size, cfg.siglip.image_size  # the demo's image sizes
+    for ex in exs:
         if int(ex["task"]) == layout.T2I:
-            ex["image_gen"] = rng.uniform(-1, 1, (64, 64, 3)).astype(np.float32)
+            ex["image_gen"] = rng.uniform(-1, 1, (g, g, 3)).astype(np.float32)
         else:
-            ex["image_und"] = rng.uniform(-1, 1, (32, 32, 3)).astype(np.float32)
-    images = {"image_gen": ((64, 64, 3), np.float32), "image_und": ((32, 32, 3), np.float32)}
+            ex["image_und"] = rng.uniform(-1, 1, (u, u, 3)).astype(np.float32)
+    images = {"image_gen": ((g, g, 3), np.float32), "image_und": ((u, u, 3), np.float32)}
     batches = {}
     for name, spec in (("fixed", layout.fixed_spec(dims)), ("packed", layout.packed_spec(dims))):
         it = iter(packing.RowBatching(grain.MapDataset.source(exs).to_iter_dataset(), rows, spec, dims, images,
@@ -158,7 +159,7 @@ def main(argv=None):
         print(f"{'layout':<34}{'valid':>7}{'ex/row':>8}{'total':>10}{'llm':>9}{'attn dense':>11}"
               f"{'attn seg':>10}{'logits':>8}{'siglip':>8}{'vae':>8}{'head':>8}")
         variants = [("fixed", layout.fixed_spec(dims), False)]
-        for s in (dims.fixed_len, 560, 1120, 2240):
+        for s in (dims.fixed_len, 560, 1120, 1152, 2240):
             spec = layout.packed_spec(dims, s)
             variants.append((f"packed S={s} U=G={spec.gen} T={spec.targets}", spec, True))
         base = None

@@ -160,3 +160,50 @@ def test_devices_processes_and_resume_agree(shapes_dir, tmp_path):
     np.testing.assert_array_equal(_images(killed), ref_images)
     resumed = _results(killed)
     assert resumed == one
+
+
+def _tiny_clip(folder):
+    """A random transformers CLIPModel folder with its own tokenizer (byte-level alphabet, no merges) and
+    image processor, as `save_pretrained` writes them: what a user passes as fid_eval.clip."""
+    import torch
+    import transformers
+    from tokenizers.pre_tokenizers import ByteLevel
+    chars = sorted(set(ByteLevel.alphabet()))
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(str(folder))
+    transformers.CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(
+        str(folder))
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=37, max_position_embeddings=40, eos_token_id=vocab["<|endoftext|>"]),
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                           image_size=30, patch_size=6),
+        projection_dim=24)
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(cfg).eval()
+    model.save_pretrained(str(folder))
+    return model
+
+
+@pytest.mark.slow
+def test_clip_score_equals_transformers_on_the_written_images(shapes_dir, tmp_path):
+    """fid_eval's CLIP score == transformers' CLIPModel + CLIPProcessor on the PNGs fid_eval wrote and their
+    prompts: 100 * max(cos, 0), averaged."""
+    import torch
+    import transformers
+    root = _inputs(tmp_path)
+    run = tmp_path / "run"
+    trainer.Trainer(_config(shapes_dir, root, tmp_path / "x"), str(run)).run()
+    model = _tiny_clip(tmp_path / "clip")
+    res = main.run(_config(shapes_dir, root, tmp_path / "out", clip=str(tmp_path / "clip")), str(run), "fid_eval")
+    assert res["clip_checkpoint"] == str(tmp_path / "clip")
+
+    proc = transformers.CLIPProcessor.from_pretrained(str(tmp_path / "clip"))
+    inputs = proc(text=PROMPTS, images=list(_images(tmp_path / "out")), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        t = model.get_text_features(input_ids=inputs["input_ids"],
+                                    attention_mask=inputs["attention_mask"]).pooler_output.numpy()
+        i = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output.numpy()
+    cos = (t * i).sum(-1) / (np.linalg.norm(t, axis=-1) * np.linalg.norm(i, axis=-1))
+    assert np.ptp(cos) > 0.01  # the images differ, so their scores do
+    assert res["clip_score"] == pytest.approx(float(np.mean(100 * np.maximum(cos, 0))), rel=1e-4, abs=1e-3)
