@@ -30,7 +30,10 @@ def get_config(arg=None):
     c.train.log_every = 50
     c.train.eval_every = c.train.num_steps
     c.optimizer.lr = 2e-3
-    c.optimizer.schedule = a.get("schedule", "wsd")  # constant, then down to 0 over the last 30%
+    # constant, then down to 0 over the last 30%: on the demo's data 1200 steps give 31.8 dB held-out and a
+    # shapes-GenEval ceiling of 0.97 (drawn scenes through the VAE), 3000 steps 42 dB and 1.00; 1000 constant-lr
+    # steps gave 26.8 dB and 0.71, and the GenEval detector mostly lost small crosses (read as circles).
+    c.optimizer.schedule = a.get("schedule", "wsd")
     c.optimizer.decay_frac = 0.3
     c.optimizer.warmup_steps = 50
     c.optimizer.weight_decay = 0.0
