@@ -1,6 +1,6 @@
 """Tiny SigLIP (image tower = the SigLIP of the UniFluid config of that size; the demo's reads 64 px) trained
-with the sigmoid loss on the shapes dataset's image-caption pairs; UniFluid loads its image tower into `siglip` (checkpoint.init_subtrees with
-src='img', dst='siglip').
+with the sigmoid loss on the shapes dataset's image-caption pairs; UniFluid loads its image tower into `siglip`
+(checkpoint.init_subtrees with src='img', dst='siglip').
 
     python -m unifluid_jax.main --config=configs/siglip_tiny.py:data=/tmp/shapes --workdir=/tmp/siglip_tiny
 Arg: comma-separated data=DIR, size=demo|tiny (which UniFluid config's SigLIP), und=SIZE/PATCH/WIDTH (the image

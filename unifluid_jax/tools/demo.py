@@ -31,7 +31,7 @@ FLAGS = flags.FLAGS
 # The UniFluid stage's recipe: the arg string of configs/unifluid_demo.py, so the stage is reproducible with
 # `python -m unifluid_jax.main --config=configs/unifluid_demo.py:...`. Packed rows (several examples per row,
 # data/packing.py): 2x the examples per step, 1.23-1.29x the examples per second of fixed rows
-# (bench/bench_demo_step.py); t2i twice as often as each understanding task; the image-token order raster
+# (bench/bench_demo_step.py, measured before the t2i 2 mix and the 64 px SigLIP, not re-run); t2i twice as often as each understanding task; the image-token order raster
 # from 35% of the run (sampling is raster); constant lr, decayed over the last 20% (wsd).
 RECIPE = ("layout=packed,mix=t2i:2/caption:0.5/vqa:0.5,order=annealed,anneal=0.1/0.35,batch_mul=4,text_weight=0.2,"
           "lr=1e-3,schedule=wsd,batch=32")
